@@ -1,0 +1,598 @@
+"""aflora_min: LoRA, ELoRA and AFLoRA in one readable file (torch only).
+
+Papers
+  LoRA   Hu et al. 2021, "LoRA: Low-Rank Adaptation of Large Language Models", arXiv 2106.09685
+  ELoRA  Kopiczko et al. 2023, "VeRA: Vector-based Random Matrix Adaptation", arXiv 2310.11454
+         (called ELoRA in the AFLoRA paper)
+  AFLoRA Liu et al. 2024, "AFLoRA: Adaptive Freezing of Low Rank Adaptation in Parameter
+         Efficient Fine-Tuning of Large Models", ACL 2024, arXiv 2403.13269
+
+Every adapter wraps a frozen nn.Linear y = W0 x (+ bias) as `base_layer` and adds an update ΔW:
+  LoRA   ΔW = (alpha / r) · B A                 A: (r, in), B: (out, r) trainable
+  ELoRA  ΔW = diag(b) B diag(d) A               A, B frozen random; d: (r,), b: (out,) trainable
+  AFLoRA ΔW = diag(b) B diag(d) A               as ELoRA at small r, but A and B start trainable
+                                                and are frozen one by one during training by a
+                                                sensitivity score and a cubic schedule.
+Read top to bottom: adapters, injection, the freezing score and schedule, utilities.
+Where the AFLoRA paper and its released GLUE code differ, this file follows the code (no alpha/r
+scaling for ELoRA/AFLoRA; the quantile freezing rule; sensitivity = |grad|).
+"""
+from __future__ import annotations
+
+import contextlib
+import math
+import warnings
+
+import torch
+import torch.nn as nn
+
+__all__ = [
+    "LoRALinear", "ELoRALinear", "AFLoRALinear", "add_adapters", "adapter_layers",
+    "cubic_schedule", "AFLoRAFreezer", "count_parameters", "print_trainable_parameters",
+    "merge_adapters", "unmerge_adapters", "disable_adapters", "adapter_state_dict",
+    "load_adapter_state_dict",
+]
+
+
+# ----------------------------------------------------------------------------------------------
+# Adapters
+
+
+def _kaiming_uniform(shape, fan_in: int, generator: torch.Generator) -> torch.Tensor:
+    """Kaiming-uniform with a=0: U(-sqrt(6/fan_in), +sqrt(6/fan_in)), drawn on the CPU so that
+    CPU and GPU runs with the same seed get bit-identical matrices."""
+    bound = math.sqrt(6.0 / fan_in)
+    return torch.empty(shape).uniform_(-bound, bound, generator=generator)
+
+
+class _AdapterLinear(nn.Module):
+    """Shared plumbing: wrap `base_layer`, freeze it, merge/unmerge through `delta_weight()`.
+
+    Adapter tensors live in fp32 even when the base is fp16/bf16 (delta and merge are computed
+    in fp32); the adapter path casts its input to fp32 and its output back to the base dtype.
+    """
+
+    def __init__(self, base_layer: nn.Linear, r: int):
+        super().__init__()
+        if isinstance(base_layer, _AdapterLinear):
+            raise ValueError("this layer already has an adapter; adapters cannot be added twice "
+                             "(build the adapter on the original nn.Linear)")
+        if not isinstance(base_layer, nn.Linear):
+            raise ValueError(f"adapters wrap nn.Linear layers, got {type(base_layer).__name__}; "
+                             "choose targets that name nn.Linear modules")
+        if not isinstance(r, int) or r <= 0:
+            raise ValueError(f"rank r must be a positive integer, got {r!r}")
+        self.base_layer = base_layer
+        self.r = r
+        self.merged = False
+        self.disabled = False
+        base_layer.weight.requires_grad_(False)
+        if base_layer.bias is not None:
+            base_layer.bias.requires_grad_(False)
+
+    @property
+    def in_features(self) -> int:
+        return self.base_layer.in_features
+
+    @property
+    def out_features(self) -> int:
+        return self.base_layer.out_features
+
+    def _param(self, tensor: torch.Tensor, trainable: bool = True) -> nn.Parameter:
+        w = self.base_layer.weight
+        return nn.Parameter(tensor.to(device=w.device, dtype=torch.float32), requires_grad=trainable)
+
+    def delta_weight(self) -> torch.Tensor:  # (out, in), fp32
+        raise NotImplementedError
+
+    def adapter_forward(self, x: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # x: (..., in) -> (..., out)
+        y = self.base_layer(x)
+        if self.merged or self.disabled:
+            return y
+        return y + self.adapter_forward(x.to(torch.float32)).to(y.dtype)
+
+    @torch.no_grad()
+    def merge(self) -> None:
+        """W0 <- W0 + ΔW (in fp32, cast back to the base dtype). A second merge warns and does nothing."""
+        if self.merged:
+            warnings.warn("adapter is already merged; merge() did nothing", stacklevel=2)
+            return
+        w = self.base_layer.weight
+        w.copy_((w.float() + self.delta_weight()).to(w.dtype))
+        self.merged = True
+
+    @torch.no_grad()
+    def unmerge(self) -> None:
+        """W0 <- W0 - ΔW: restores W0 up to the rounding of one add and one subtract."""
+        if not self.merged:
+            warnings.warn("adapter is not merged; unmerge() did nothing", stacklevel=2)
+            return
+        w = self.base_layer.weight
+        w.copy_((w.float() - self.delta_weight()).to(w.dtype))
+        self.merged = False
+
+    def extra_repr(self) -> str:
+        return f"in={self.in_features}, out={self.out_features}, r={self.r}, merged={self.merged}"
+
+
+class LoRALinear(_AdapterLinear):
+    """LoRA: h = W0 x + (alpha/r) · B A x.  A ~ kaiming-uniform (PEFT's a=sqrt(5)), B = 0.
+
+    alpha=None means alpha = r (scaling 1, PEFT's default at r=8).
+    """
+
+    def __init__(self, base_layer: nn.Linear, r: int = 8, alpha: float | None = None,
+                 dropout: float = 0.0):
+        super().__init__(base_layer, r)
+        if not 0.0 <= dropout < 1.0:
+            raise ValueError(f"dropout must be in [0, 1), got {dropout}")
+        self.alpha = float(r if alpha is None else alpha)
+        self.scaling = self.alpha / r
+        A = torch.empty(r, self.in_features)
+        nn.init.kaiming_uniform_(A, a=math.sqrt(5))
+        self.lora_A = self._param(A)                                   # (r, in)
+        self.lora_B = self._param(torch.zeros(self.out_features, r))   # (out, r)
+        self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+
+    def delta_weight(self) -> torch.Tensor:
+        """ΔW = (alpha/r) · B A,  (out, in)."""
+        return self.scaling * (self.lora_B @ self.lora_A)
+
+    def adapter_forward(self, x: torch.Tensor) -> torch.Tensor:
+        return (self.dropout(x) @ self.lora_A.T @ self.lora_B.T) * self.scaling  # (..., out)
+
+
+class ELoRALinear(_AdapterLinear):
+    """ELoRA / VeRA: h = W0 x + b ⊙ (B (d ⊙ (A x))), i.e. ΔW = diag(b) B diag(d) A.
+
+    A (r, in) and B (out, r) are random (kaiming-uniform from a seeded CPU generator) and frozen;
+    only the vectors d (r,) = d_init and b (out,) = 0 train. Unlike PEFT's VeRA, which shares one
+    pair across layers, each module draws its own pair (as the AFLoRA code's ELoRA does).
+    r may exceed in_features: the matrices are just wide.
+    """
+
+    def __init__(self, base_layer: nn.Linear, r: int = 1024, d_init: float = 0.1, seed: int = 0,
+                 trainable_projections: bool = False):
+        super().__init__(base_layer, r)
+        g = torch.Generator().manual_seed(int(seed))
+        self.seed = int(seed)
+        self.lora_A = self._param(_kaiming_uniform((r, self.in_features), self.in_features, g),
+                                  trainable_projections)               # (r, in)
+        self.lora_B = self._param(_kaiming_uniform((self.out_features, r), r, g),
+                                  trainable_projections)               # (out, r)
+        self.lora_d = self._param(torch.full((r,), float(d_init)))     # (r,)
+        self.lora_b = self._param(torch.zeros(self.out_features))      # (out,)
+
+    def delta_weight(self) -> torch.Tensor:
+        """ΔW = diag(b) B diag(d) A,  (out, in)."""
+        return (self.lora_b[:, None] * self.lora_B) @ (self.lora_d[:, None] * self.lora_A)
+
+    def adapter_forward(self, x: torch.Tensor) -> torch.Tensor:
+        return ((x @ self.lora_A.T) * self.lora_d) @ self.lora_B.T * self.lora_b  # (..., out)
+
+
+class AFLoRALinear(ELoRALinear):
+    """AFLoRA: the ELoRA update at small rank, with A and B trainable until the freezer freezes them.
+
+    adaptive=None is the released code's policy: A, B are trainable (and later frozen by the score)
+    only where in_features != out_features (the FFN matrices); square matrices (attention) keep
+    frozen random A, B from step 0. adaptive=True/False forces the choice.
+    """
+
+    def __init__(self, base_layer: nn.Linear, r: int = 4, adaptive: bool | None = None,
+                 d_init: float = 0.1, seed: int = 0):
+        if adaptive is None and isinstance(base_layer, nn.Linear):
+            adaptive = base_layer.in_features != base_layer.out_features
+        super().__init__(base_layer, r, d_init=d_init, seed=seed,
+                         trainable_projections=bool(adaptive))
+        self.adaptive = bool(adaptive)
+
+
+# ----------------------------------------------------------------------------------------------
+# Injection into any torch model
+
+_METHODS = {"lora": LoRALinear, "elora": ELoRALinear, "aflora": AFLoRALinear}
+_DEFAULT_R = {"lora": 8, "elora": 1024, "aflora": 4}
+
+
+def adapter_layers(model: nn.Module):
+    """Yield (name, layer) for every adapter layer in the model."""
+    for name, module in model.named_modules():
+        if isinstance(module, _AdapterLinear):
+            yield name, module
+
+
+def _matches(name: str, targets) -> bool:
+    return any(name == t or name.endswith("." + t) for t in targets)
+
+
+def add_adapters(model: nn.Module, method: str, targets, r: int | None = None,
+                 train=("classifier",), seed: int = 0, **options) -> nn.Module:
+    """Wrap every nn.Linear whose dotted name equals a target or ends with "." + target.
+
+    Freezes every other parameter except those whose name contains an entry of `train`.
+    `options` go to the layer class (alpha, dropout for LoRA; d_init, adaptive for ELoRA/AFLoRA).
+    ELoRA/AFLoRA layer i (in module order) draws its random A, B with seed + i. Returns the model.
+    """
+    if method not in _METHODS:
+        raise ValueError(f"unknown method {method!r}; choose one of {sorted(_METHODS)}")
+    r = _DEFAULT_R[method] if r is None else r
+    if not isinstance(r, int) or r <= 0:
+        raise ValueError(f"rank r must be a positive integer, got {r!r}")
+    targets = [targets] if isinstance(targets, str) else list(targets)
+    train = [train] if isinstance(train, str) else list(train)
+    if not targets:
+        raise ValueError("targets is empty; name the nn.Linear modules to adapt, e.g. ['query', 'value']")
+    if any(True for _ in adapter_layers(model)):
+        raise ValueError("this model already has adapters; adapters cannot be added twice "
+                         "(start from a fresh model, or unmerge and keep the existing ones)")
+    chosen = [(n, m) for n, m in model.named_modules() if n and _matches(n, targets)]
+    if not chosen:
+        linears = [n for n, m in model.named_modules() if isinstance(m, nn.Linear)]
+        raise ValueError(f"no module matches targets {targets}; nn.Linear modules in this model: {linears}")
+    bad = [f"{n} ({type(m).__name__})" for n, m in chosen if not isinstance(m, nn.Linear)]
+    if bad:
+        raise ValueError(f"targets must name nn.Linear modules, but these matched: {bad}; "
+                         "use a more specific target such as 'attention.output.dense'")
+    for p in model.parameters():
+        p.requires_grad_(False)
+    cls = _METHODS[method]
+    for i, (name, linear) in enumerate(chosen):
+        if method == "lora":
+            layer = cls(linear, r=r, **options)
+        else:
+            layer = cls(linear, r=r, seed=seed + i, **options)
+        parent_name, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent_name) if parent_name else model, child, layer)
+    unmatched = [t for t in train if not any(t in n for n, _ in model.named_parameters())]
+    if unmatched:
+        warnings.warn(f"train entries {unmatched} match no parameter; nothing extra is trained for them",
+                      stacklevel=2)
+    for n, p in model.named_parameters():
+        if any(t in n for t in train) and ".lora_" not in n and "base_layer" not in n:
+            p.requires_grad_(True)
+    return model
+
+
+# ----------------------------------------------------------------------------------------------
+# AFLoRA: the cubic schedule and the freezing score
+
+
+def cubic_schedule(step: int, total_steps: int, t_init: int, t_final: int) -> float:
+    """ρ(t): the fraction of adaptive projection matrices still trainable (AFLoRA eq. 4).
+
+        ρ(t) = 1                                      t <= t_i
+        ρ(t) = (1 - (t - t_i) / (T - t_i - t_f))^3    t_i < t <= T - t_f
+        ρ(t) = 0                                      t > T - t_f
+    """
+    if t_init < 0 or t_final < 0 or t_init + t_final >= total_steps:
+        raise ValueError(f"need 0 <= t_init, 0 <= t_final and t_init + t_final < total_steps, got "
+                         f"t_init={t_init}, t_final={t_final}, total_steps={total_steps}")
+    if step <= t_init:
+        return 1.0
+    if step > total_steps - t_final:
+        return 0.0
+    return (1.0 - (step - t_init) / (total_steps - t_init - t_final)) ** 3
+
+
+class AFLoRAFreezer:
+    """Scores every still-trainable AFLoRA A and B and freezes them on the cubic schedule.
+
+    Call `step()` after `loss.backward()` and before `optimizer.step()`. Per matrix θ:
+      every step      accumulate |∇θ L| into the window mean I (window ΔT steps)
+      every ΔT steps  Ī <- β1 Ī + (1-β1) I                 (smoothed sensitivity, eq. 5)
+                      Ū <- β2 Ū + (1-β2) |I - Ī|           (uncertainty, eq. 6, with the new Ī)
+                      s = Ī ⊙ Ū, score(θ) = mean(s)          (freezing score, eq. 7)
+    Rule (rule="quantile", the released code's, default): every ΔT steps (every step once ρ = 0)
+    take the (1-ρ) quantile q of the ELEMENT scores of all still-trainable matrices and freeze each
+    matrix whose mean score is below q. rule="rank": freeze the lowest-scoring matrices until the
+    frozen fraction reaches 1-ρ. Either way every matrix is frozen once ρ = 0 (t > T - t_f).
+    Freezing sets requires_grad=False, drops .grad and, if `optimizer` is given, its state.
+    """
+
+    def __init__(self, model: nn.Module, total_steps: int, t_init: int, t_final: int,
+                 beta1: float = 0.85, beta2: float = 0.95, window: int = 10,
+                 rule: str = "quantile", optimizer: torch.optim.Optimizer | None = None,
+                 forget_warning_after: int = 100):
+        cubic_schedule(0, total_steps, t_init, t_final)  # validates the schedule arguments
+        for label, beta in (("beta1", beta1), ("beta2", beta2)):
+            if not 0.0 <= beta < 1.0:
+                raise ValueError(f"{label} must be in [0, 1), got {beta}")
+        if not isinstance(window, int) or window < 1:
+            raise ValueError(f"window must be a positive integer, got {window!r}")
+        if rule not in ("quantile", "rank"):
+            raise ValueError(f"rule must be 'quantile' or 'rank', got {rule!r}")
+        self.params = {f"{n}.{k}": getattr(m, k) for n, m in adapter_layers(model)
+                       if isinstance(m, AFLoRALinear) and m.adaptive for k in ("lora_A", "lora_B")}
+        if not self.params:
+            raise ValueError("the model has no adaptive AFLoRA layer to freeze; call "
+                             "add_adapters(model, 'aflora', targets) first, with targets that "
+                             "include a non-square nn.Linear (or pass adaptive=True)")
+        self.total_steps, self.t_init, self.t_final = total_steps, t_init, t_final
+        self.beta1, self.beta2, self.window, self.rule = beta1, beta2, window, rule
+        self.optimizer = optimizer
+        self.step_count = 0
+        self.frozen_at: dict[str, int] = {}
+        self.ipt_sum = {n: torch.zeros_like(p) for n, p in self.params.items()}   # Σ|∇| in window
+        self.ipt_n = 0                                                             # steps in window
+        self.exp_avg_ipt = {n: torch.zeros_like(p) for n, p in self.params.items()}  # Ī
+        self.exp_avg_unc = {n: torch.zeros_like(p) for n, p in self.params.items()}  # Ū
+        self.score_history: dict[str, list[tuple[int, float]]] = {n: [] for n in self.params}
+        self.history: list[tuple[int, int]] = [(0, self.trainable_adapter_params(model))]
+        self._model = model
+        self._forwards_since_step = 0
+        self._warned = set()
+        self._forget_after = forget_warning_after
+        self._hook = model.register_forward_pre_hook(self._count_forward)
+
+    # -- the score ---------------------------------------------------------------------------
+    def _count_forward(self, module, args):
+        if module.training:
+            self._forwards_since_step += 1
+            if self._forwards_since_step == self._forget_after and "forgot" not in self._warned:
+                self._warned.add("forgot")
+                warnings.warn(f"{self._forget_after} training forwards without AFLoRAFreezer.step(); "
+                              "call freezer.step() after loss.backward() or nothing is ever frozen",
+                              stacklevel=2)
+
+    def active(self) -> list[str]:
+        """Names of the adaptive matrices not yet frozen."""
+        return [n for n in self.params if n not in self.frozen_at]
+
+    @torch.no_grad()
+    def accumulate(self, names: list[str]) -> bool:
+        """Add |∇θ L| of each named matrix to its window sum. Returns False (and skips the step)
+        if any gradient is NaN or inf: no score or freeze decision is taken on such a step."""
+        grads = []
+        for n in names:
+            g = self.params[n].grad
+            if g is None:
+                raise ValueError(f"AFLoRAFreezer.step(): {n} has no gradient; call step() after "
+                                 "loss.backward() and before optimizer.zero_grad()")
+            grads.append(g)
+        if not all(torch.isfinite(g).all() for g in grads):
+            warnings.warn(f"non-finite gradient at step {self.step_count}; the freezer skipped it",
+                          stacklevel=3)
+            return False
+        for n, g in zip(names, grads):
+            self.ipt_sum[n].add_(g.abs())
+        self.ipt_n += 1
+        return True
+
+    @torch.no_grad()
+    def update_scores(self, names: list[str]) -> dict[str, float]:
+        """Close a window: update Ī and Ū from the window mean I; return each matrix's mean score."""
+        scores = {}
+        for n in names:
+            ipt = self.ipt_sum[n] / max(self.ipt_n, 1)                                   # I
+            self.exp_avg_ipt[n].mul_(self.beta1).add_(ipt, alpha=1 - self.beta1)           # Ī
+            self.exp_avg_unc[n].mul_(self.beta2).add_((ipt - self.exp_avg_ipt[n]).abs(),
+                                                      alpha=1 - self.beta2)                # Ū
+            scores[n] = self.element_scores(n).mean().item()
+            self.score_history[n].append((self.step_count, scores[n]))
+            self.ipt_sum[n].zero_()
+        self.ipt_n = 0
+        return scores
+
+    def element_scores(self, name: str) -> torch.Tensor:
+        """s = Ī ⊙ Ū, element-wise, for one matrix."""
+        return self.exp_avg_ipt[name] * self.exp_avg_unc[name]
+
+    # -- the rule ------------------------------------------------------------------------------
+    def to_freeze(self, names: list[str], scores: dict[str, float], rho: float) -> list[str]:
+        """Which of the still-trainable `names` to freeze now, given their mean scores and ρ(t)."""
+        if rho <= 0.0:
+            return list(names)
+        if self.rule == "quantile":
+            elems = torch.cat([self.element_scores(n).flatten() for n in names]).float()
+            k = max(1, min(elems.numel(), math.ceil((1.0 - rho) * elems.numel())))
+            q = elems.kthvalue(k).values.item() if rho < 1.0 else -math.inf
+            return [n for n in names if scores[n] < q]
+        n_frozen_target = math.ceil((1.0 - rho) * len(self.params) - 1e-9)
+        n_new = max(0, n_frozen_target - len(self.frozen_at))
+        return sorted(names, key=lambda n: scores[n])[:n_new]
+
+    def freeze(self, name: str) -> None:
+        """Stop training one matrix: requires_grad False, grad and optimizer state dropped."""
+        p = self.params[name]
+        p.requires_grad_(False)
+        p.grad = None
+        if self.optimizer is not None:
+            self.optimizer.state.pop(p, None)
+        self.frozen_at[name] = self.step_count
+
+    def step(self) -> list[str]:
+        """One training step: score, and freeze per the schedule. Returns the names frozen now."""
+        self._forwards_since_step = 0
+        if self.step_count >= self.total_steps:
+            if "past" not in self._warned:
+                self._warned.add("past")
+                warnings.warn(f"AFLoRAFreezer.step() called past total_steps={self.total_steps}; "
+                              "it does nothing (set total_steps to the real number of steps)",
+                              stacklevel=2)
+            return []
+        names = self.active()
+        if not names:                       # everything frozen: the final phase, nothing to do
+            self.step_count += 1
+            return []
+        ok = self.accumulate(names)
+        self.step_count += 1
+        t = self.step_count
+        rho = cubic_schedule(t, self.total_steps, self.t_init, self.t_final)
+        new = []
+        if t % self.window == 0 or rho == 0.0:
+            scores = self.update_scores(names) if self.ipt_n else {}
+            if ok and t > self.t_init and (scores or rho == 0.0):
+                new = self.to_freeze(names, scores, rho)
+                for n in new:
+                    self.freeze(n)
+        if new:
+            self.history.append((t, self.trainable_adapter_params(self._model)))
+        return new
+
+    # -- bookkeeping ---------------------------------------------------------------------------
+    @staticmethod
+    def trainable_adapter_params(model: nn.Module) -> int:
+        """Trainable parameters inside adapter layers (the classifier and other extras excluded)."""
+        return sum(p.numel() for _, m in adapter_layers(model) for p in m.parameters() if p.requires_grad)
+
+    def time_averaged_trainable(self) -> float:
+        """Trainable adapter parameters averaged over the steps taken so far (the paper's 0.14M*)."""
+        steps = max(self.step_count, 1)
+        total, hist = 0.0, self.history + [(steps, None)]
+        for (s0, count), (s1, _) in zip(hist, hist[1:]):
+            total += count * (min(s1, steps) - min(s0, steps))
+        return total / steps
+
+    def state_dict(self) -> dict:
+        """Everything needed to resume: counters, window sums, Ī, Ū, frozen_at, histories."""
+        return {"step": self.step_count, "ipt_n": self.ipt_n, "frozen_at": dict(self.frozen_at),
+                "ipt_sum": {n: t.clone() for n, t in self.ipt_sum.items()},
+                "exp_avg_ipt": {n: t.clone() for n, t in self.exp_avg_ipt.items()},
+                "exp_avg_unc": {n: t.clone() for n, t in self.exp_avg_unc.items()},
+                "history": list(self.history),
+                "score_history": {n: list(h) for n, h in self.score_history.items()}}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Restore a state_dict() and re-freeze every matrix that was frozen."""
+        names = set(state.get("exp_avg_ipt", {}))
+        if names != set(self.params):
+            raise ValueError(f"freezer state is for other matrices: missing {sorted(set(self.params) - names)}, "
+                             f"unexpected {sorted(names - set(self.params))}; build the freezer on the same model")
+        for key in ("ipt_sum", "exp_avg_ipt", "exp_avg_unc"):
+            for n, t in state[key].items():
+                if t.shape != self.params[n].shape:
+                    raise ValueError(f"freezer state {key}[{n}] has shape {tuple(t.shape)}, "
+                                     f"the model's is {tuple(self.params[n].shape)}")
+                getattr(self, key)[n] = t.detach().clone().to(self.params[n].device)
+        self.step_count, self.ipt_n = int(state["step"]), int(state["ipt_n"])
+        self.history = [tuple(h) for h in state["history"]]
+        self.score_history = {n: [tuple(h) for h in hs] for n, hs in state["score_history"].items()}
+        self.frozen_at = {}
+        for n, s in state["frozen_at"].items():
+            self.freeze(n)
+            self.frozen_at[n] = int(s)
+        for n in self.active():
+            self.params[n].requires_grad_(True)
+
+    def remove(self) -> None:
+        """Detach the forgot-to-call-step() hook from the model."""
+        self._hook.remove()
+
+
+# ----------------------------------------------------------------------------------------------
+# Utilities: counting, merging, saving
+
+
+def count_parameters(model: nn.Module) -> tuple[int, int]:
+    """(trainable, total) parameter counts; shared parameters are counted once."""
+    params = list(model.parameters())
+    return sum(p.numel() for p in params if p.requires_grad), sum(p.numel() for p in params)
+
+
+def print_trainable_parameters(model: nn.Module) -> None:
+    """Print `trainable params: X || all params: Y || trainable%: Z` (PEFT's format)."""
+    trainable, total = count_parameters(model)
+    print(f"trainable params: {trainable:,d} || all params: {total:,d} || "
+          f"trainable%: {100 * trainable / max(total, 1):.4f}")
+
+
+def _require_adapters(model: nn.Module) -> list:
+    layers = [m for _, m in adapter_layers(model)]
+    if not layers:
+        raise ValueError("the model has no adapter layers; call add_adapters(model, method, targets) first")
+    return layers
+
+
+def merge_adapters(model: nn.Module) -> nn.Module:
+    """Fold every ΔW into its base weight (never automatic, e.g. not on eval()). Idempotent."""
+    for layer in _require_adapters(model):
+        if not layer.merged:
+            layer.merge()
+    return model
+
+
+def unmerge_adapters(model: nn.Module) -> nn.Module:
+    """Undo merge_adapters. Idempotent."""
+    for layer in _require_adapters(model):
+        if layer.merged:
+            layer.unmerge()
+    return model
+
+
+@contextlib.contextmanager
+def disable_adapters(model: nn.Module):
+    """Inside this block the model computes the base model's output (adapters skipped)."""
+    layers = _require_adapters(model)
+    if any(layer.merged for layer in layers):
+        raise ValueError("cannot disable merged adapters; call unmerge_adapters(model) first")
+    for layer in layers:
+        layer.disabled = True
+    try:
+        yield model
+    finally:
+        for layer in layers:
+            layer.disabled = False
+
+
+def adapter_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    """Adapter tensors, trained extras (e.g. the classifier) and AFLoRA frozen flags; no base weights.
+
+    ELoRA's frozen random A, B are not saved: they are regenerated from their seed, which is
+    saved as `<layer>.seed` and checked on load. A flat {name: tensor} dict (safetensors-ready).
+    """
+    layer_names = dict(adapter_layers(model))
+    state = {}
+    for name, layer in layer_names.items():
+        for k, p in layer.named_parameters(recurse=False):
+            if type(layer) is ELoRALinear and k in ("lora_A", "lora_B") and not p.requires_grad:
+                continue
+            state[f"{name}.{k}"] = p.detach().clone()
+        if isinstance(layer, ELoRALinear):
+            state[f"{name}.seed"] = torch.tensor(layer.seed)
+        if isinstance(layer, AFLoRALinear) and layer.adaptive:
+            for k in ("lora_A", "lora_B"):
+                state[f"{name}.{k}.frozen"] = torch.tensor(not getattr(layer, k).requires_grad)
+    for n, p in model.named_parameters():
+        if p.requires_grad and ".lora_" not in n:
+            state[n] = p.detach().clone()
+    return state
+
+
+@torch.no_grad()
+def load_adapter_state_dict(model: nn.Module, state: dict[str, torch.Tensor]) -> nn.Module:
+    """Load adapter_state_dict() output into a model with the same adapters. Checks every key
+    and shape before copying anything, so a bad state leaves the model untouched."""
+    layers = _require_adapters(model)
+    if any(layer.merged for layer in layers):
+        raise ValueError("cannot load adapter weights into a merged model; call unmerge_adapters(model) first")
+    params = dict(model.named_parameters())
+    layer_names = dict(adapter_layers(model))
+    problems = []
+    for key, value in state.items():
+        if key.endswith(".frozen"):
+            if key[: -len(".frozen")] not in params:
+                problems.append(f"{key}: no such AFLoRA matrix")
+        elif key.endswith(".seed") and key[: -len(".seed")] in layer_names:
+            seed = layer_names[key[: -len(".seed")]].seed
+            if int(value) != seed:
+                problems.append(f"{key}: saved with projection seed {int(value)}, the model has {seed} "
+                                f"(call add_adapters with the same seed)")
+        elif key not in params:
+            problems.append(f"{key}: unexpected (not in this model)")
+        elif tuple(value.shape) != tuple(params[key].shape):
+            problems.append(f"{key}: shape {tuple(value.shape)} does not fit {tuple(params[key].shape)}")
+    expected = {k for k in adapter_state_dict(model) if not k.endswith((".frozen", ".seed"))}
+    problems += [f"{k}: missing from the state" for k in sorted(expected - set(state))]
+    if problems:
+        raise ValueError("adapter state does not fit this model (same method, r, targets and seed?):\n  "
+                         + "\n  ".join(problems))
+    for key, value in state.items():
+        if key.endswith(".frozen"):
+            params[key[: -len(".frozen")]].requires_grad_(not bool(value))
+        elif not key.endswith(".seed") or key[: -len(".seed")] not in layer_names:
+            params[key].copy_(value)
+    return model
