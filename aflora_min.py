@@ -343,9 +343,8 @@ class AFLoRAFreezer:
         return [n for n in self.params if n not in self.frozen_at]
 
     @torch.no_grad()
-    def accumulate(self, names: list[str]) -> bool:
-        """Add |∇θ L| of each named matrix to its window sum. Returns False (and skips the step)
-        if any gradient is NaN or inf: no score or freeze decision is taken on such a step."""
+    def accumulate(self, names: list[str]) -> None:
+        """Add |∇θ L| of each named matrix to its window sum (two fused kernels, no GPU sync)."""
         grads = []
         for n in names:
             g = self.params[n].grad
@@ -353,29 +352,34 @@ class AFLoRAFreezer:
                 raise ValueError(f"AFLoRAFreezer.step(): {n} has no gradient; call step() after "
                                  "loss.backward() and before optimizer.zero_grad()")
             grads.append(g)
-        if not all(torch.isfinite(g).all() for g in grads):
-            warnings.warn(f"non-finite gradient at step {self.step_count}; the freezer skipped it",
-                          stacklevel=3)
-            return False
-        for n, g in zip(names, grads):
-            self.ipt_sum[n].add_(g.abs())
+        torch._foreach_add_([self.ipt_sum[n] for n in names], torch._foreach_abs(grads))
         self.ipt_n += 1
-        return True
 
     @torch.no_grad()
-    def update_scores(self, names: list[str]) -> dict[str, float]:
-        """Close a window: update Ī and Ū from the window mean I; return each matrix's mean score."""
-        scores = {}
-        for n in names:
-            ipt = self.ipt_sum[n] / max(self.ipt_n, 1)                                   # I
-            self.exp_avg_ipt[n].mul_(self.beta1).add_(ipt, alpha=1 - self.beta1)           # Ī
-            self.exp_avg_unc[n].mul_(self.beta2).add_((ipt - self.exp_avg_ipt[n]).abs(),
-                                                      alpha=1 - self.beta2)                # Ū
-            scores[n] = self.element_scores(n).mean().item()
-            self.score_history[n].append((self.step_count, scores[n]))
-            self.ipt_sum[n].zero_()
+    def update_scores(self, names: list[str]) -> dict[str, float] | None:
+        """Close a window: update Ī and Ū from the window mean I; return each matrix's mean score.
+        If a gradient in the window was NaN or inf, the window is dropped and None is returned:
+        no score or freeze decision is taken on it (one GPU sync per window, not per step)."""
+        sums = [self.ipt_sum[n] for n in names]
+        finite = bool(torch.stack([torch.isfinite(t).all() for t in sums]).all())
+        if finite:
+            for n, total in zip(names, sums):
+                ipt = total / self.ipt_n                                                   # I
+                self.exp_avg_ipt[n].mul_(self.beta1).add_(ipt, alpha=1 - self.beta1)       # Ī
+                self.exp_avg_unc[n].mul_(self.beta2).add_((ipt - self.exp_avg_ipt[n]).abs(),
+                                                          alpha=1 - self.beta2)            # Ū
+            means = torch.stack([self.element_scores(n).mean() for n in names]).tolist()
+        else:
+            warnings.warn(f"non-finite gradient in the window ending at step {self.step_count}; "
+                          "the freezer dropped that window (if you use GradScaler, call "
+                          "scaler.unscale_(optimizer) before freezer.step())", stacklevel=3)
+        torch._foreach_zero_(sums)
         self.ipt_n = 0
-        return scores
+        if not finite:
+            return None
+        for n, m in zip(names, means):
+            self.score_history[n].append((self.step_count, m))
+        return dict(zip(names, means))
 
     def element_scores(self, name: str) -> torch.Tensor:
         """s = Ī ⊙ Ū, element-wise, for one matrix."""
@@ -418,14 +422,14 @@ class AFLoRAFreezer:
         if not names:                       # everything frozen: the final phase, nothing to do
             self.step_count += 1
             return []
-        ok = self.accumulate(names)
+        self.accumulate(names)
         self.step_count += 1
         t = self.step_count
         rho = cubic_schedule(t, self.total_steps, self.t_init, self.t_final)
         new = []
         if t % self.window == 0 or rho == 0.0:
-            scores = self.update_scores(names) if self.ipt_n else {}
-            if ok and t > self.t_init and (scores or rho == 0.0):
+            scores = self.update_scores(names)
+            if scores is not None and t > self.t_init:
                 new = self.to_freeze(names, scores, rho)
                 for n in new:
                     self.freeze(n)
