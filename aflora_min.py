@@ -13,7 +13,8 @@ Every adapter wraps a frozen nn.Linear y = W0 x (+ bias) as `base_layer` and add
   AFLoRA ΔW = diag(b) B diag(d) A               as ELoRA at small r, but A and B start trainable
                                                 and are frozen one by one during training by a
                                                 sensitivity score and a cubic schedule.
-Read top to bottom: adapters, injection, the freezing score and schedule, utilities.
+Read top to bottom: adapters, injection, the freezing score and schedule, utilities, then export
+and distributed training (PEFT LoRA export, exact resume, DDP).
 Where the AFLoRA paper and its released GLUE code differ, this file follows the code (no alpha/r
 scaling for ELoRA/AFLoRA; the quantile freezing rule; sensitivity = |grad|).
 """
@@ -30,7 +31,8 @@ __all__ = [
     "LoRALinear", "ELoRALinear", "AFLoRALinear", "add_adapters", "adapter_layers",
     "cubic_schedule", "AFLoRAFreezer", "count_parameters", "print_trainable_parameters",
     "merge_adapters", "unmerge_adapters", "disable_adapters", "adapter_state_dict",
-    "load_adapter_state_dict",
+    "load_adapter_state_dict", "lora_factors", "export_lora", "save_checkpoint", "load_checkpoint",
+    "rewrap_ddp",
 ]
 
 
@@ -142,7 +144,7 @@ class LoRALinear(_AdapterLinear):
         return self.scaling * (self.lora_B @ self.lora_A)
 
     def adapter_forward(self, x: torch.Tensor) -> torch.Tensor:
-        return (self.dropout(x) @ self.lora_A.T @ self.lora_B.T) * self.scaling  # (..., out)
+        return ((self.dropout(x) @ self.lora_A.T) * self.scaling) @ self.lora_B.T  # scale the (..., r) part
 
 
 class ELoRALinear(_AdapterLinear):
@@ -237,6 +239,8 @@ def add_adapters(model: nn.Module, method: str, targets, r: int | None = None,
     if bad:
         raise ValueError(f"targets must name nn.Linear modules, but these matched: {bad}; "
                          "use a more specific target such as 'attention.output.dense'")
+    with torch.random.fork_rng(devices=[]):  # a bad option (typo, range) fails here, model untouched
+        _METHODS[method](nn.Linear(2, 2), r=r, **({} if method == "lora" else {"seed": seed}), **options)
     for p in model.parameters():
         p.requires_grad_(False)
     cls = _METHODS[method]
@@ -460,10 +464,10 @@ class AFLoRAFreezer:
                 "history": list(self.history),
                 "score_history": {n: list(h) for n, h in self.score_history.items()}}
 
-    def load_state_dict(self, state: dict) -> None:
-        """Restore a state_dict() and re-freeze every matrix that was frozen."""
+    def check_state_dict(self, state: dict) -> None:
+        """Raise ValueError if a state_dict() does not fit this freezer's matrices (names, shapes)."""
         names = set(state.get("exp_avg_ipt", {}))
-        if names != set(self.params):
+        if names != set(self.params) or not set(state.get("frozen_at", {})) <= names:
             raise ValueError(f"freezer state is for other matrices: missing {sorted(set(self.params) - names)}, "
                              f"unexpected {sorted(names - set(self.params))}; build the freezer on the same model")
         for key in ("ipt_sum", "exp_avg_ipt", "exp_avg_unc"):
@@ -471,6 +475,13 @@ class AFLoRAFreezer:
                 if t.shape != self.params[n].shape:
                     raise ValueError(f"freezer state {key}[{n}] has shape {tuple(t.shape)}, "
                                      f"the model's is {tuple(self.params[n].shape)}")
+
+    def load_state_dict(self, state: dict) -> None:
+        """Restore a state_dict() (checked first: a bad one changes nothing) and re-freeze every
+        matrix that was frozen."""
+        self.check_state_dict(state)
+        for key in ("ipt_sum", "exp_avg_ipt", "exp_avg_unc"):
+            for n, t in state[key].items():
                 getattr(self, key)[n] = t.detach().clone().to(self.params[n].device)
         self.step_count, self.ipt_n = int(state["step"]), int(state["ipt_n"])
         self.history = [tuple(h) for h in state["history"]]
@@ -600,3 +611,265 @@ def load_adapter_state_dict(model: nn.Module, state: dict[str, torch.Tensor]) ->
         elif not key.endswith(".seed") or key[: -len(".seed")] not in layer_names:
             params[key].copy_(value)
     return model
+
+
+# ----------------------------------------------------------------------------------------------
+# Export and distributed training: a standard PEFT LoRA adapter, exact resume, DDP
+
+_CHECKPOINT_FORMAT = "aflora_min.checkpoint.v1"
+
+
+def _unwrap(model: nn.Module) -> nn.Module:
+    """The model inside a DistributedDataParallel / DataParallel wrapper (else the model itself)."""
+    wrappers = (nn.parallel.DistributedDataParallel, nn.DataParallel)
+    return model.module if isinstance(model, wrappers) else model
+
+
+@torch.no_grad()
+def lora_factors(layer: _AdapterLinear) -> tuple[torch.Tensor, torch.Tensor, float]:
+    """(A', B', alpha') with (alpha' / r') · B' A' == layer.delta_weight(), r' = A'.shape[0].
+
+    LoRA: A, B and alpha as they are. ELoRA/AFLoRA: A' = diag(d) A, B' = diag(b) B, alpha' = r'
+    (scaling 1). Where r > min(in, out) these factors would be wider than ΔW itself, so the exact
+    lower-rank factorisation is returned instead: A' = I, B' = ΔW if in <= out, else A' = ΔW, B' = I
+    (rank min(in, out), scaling 1, no SVD and no rounding beyond computing ΔW in fp32).
+    """
+    if layer.r > min(layer.in_features, layer.out_features):
+        delta = layer.delta_weight()                                         # (out, in)
+        eye = torch.eye(min(delta.shape), device=delta.device)
+        A, B = (eye, delta) if layer.in_features <= layer.out_features else (delta, eye)
+        return A, B, float(A.shape[0])
+    if isinstance(layer, LoRALinear):
+        return layer.lora_A.detach(), layer.lora_B.detach(), layer.alpha
+    return layer.lora_d[:, None] * layer.lora_A, layer.lora_b[:, None] * layer.lora_B, float(layer.r)
+
+
+def _trained_extras(model: nn.Module) -> list[str]:
+    """The submodules to export whole (PEFT's modules_to_save) so that every trained non-adapter
+    parameter is included: its owner, or the highest ancestor whose parameters all train
+    (RoBERTa's classifier.dense and classifier.out_proj give ["classifier"])."""
+    layer_names = [n for n, _ in adapter_layers(model)]
+    trained = {n for n, p in model.named_parameters() if p.requires_grad and ".lora_" not in n}
+
+    def adapter_free(module: str) -> bool:
+        return bool(module) and not any(ln == module or ln.startswith(module + ".") for ln in layer_names)
+
+    def all_trained(module: str) -> bool:
+        return adapter_free(module) and all(f"{module}.{k}" in trained
+                                            for k, _ in model.get_submodule(module).named_parameters())
+    extras = []
+    for n, _ in model.named_parameters():
+        if n not in trained:
+            continue
+        module = n.rpartition(".")[0]
+        if not adapter_free(module):
+            raise ValueError(f"trained parameter {n!r} is not inside a submodule free of adapters, so it "
+                             "cannot be exported as a PEFT module to save; train a leaf module instead")
+        while all_trained(module.rpartition(".")[0]):
+            module = module.rpartition(".")[0]
+        if module not in extras:
+            extras.append(module)
+    return extras
+
+
+def export_lora(model: nn.Module, directory, task_type: str | None = "auto",
+                base_model_name_or_path: str | None = None) -> dict:
+    """Write the adapters as a standard PEFT LoRA adapter that `PeftModel.from_pretrained(base, directory)`
+    loads on a fresh copy of the base model: adapter_config.json and adapter_model.safetensors.
+
+    Every adapter layer becomes one LoRA pair (see lora_factors); per-module ranks and alphas that
+    differ from the most common pair go to rank_pattern / alpha_pattern; trained extras (the
+    classifier) become modules_to_save. task_type "auto" means "SEQ_CLS" for a
+    *ForSequenceClassification model, else None. Returns the config written.
+    """
+    import json
+    import os
+    import re
+    from collections import Counter
+    try:
+        from safetensors.torch import save_file
+    except ImportError as e:
+        raise ImportError("export_lora needs the safetensors package: pip install safetensors") from e
+    model = _unwrap(model)
+    if any(layer.merged for layer in _require_adapters(model)):
+        raise ValueError("the model is merged: its base weights already hold ΔW, and the exported "
+                         "adapter would add it a second time; call unmerge_adapters(model) first")
+    tensors, pairs = {}, {}
+    for name, layer in adapter_layers(model):
+        A, B, alpha = lora_factors(layer)
+        tensors[f"base_model.model.{name}.lora_A.weight"] = A.float().cpu().contiguous()
+        tensors[f"base_model.model.{name}.lora_B.weight"] = B.float().cpu().contiguous()
+        pairs[name] = (A.shape[0], int(alpha) if float(alpha).is_integer() else alpha)
+    extras = _trained_extras(model)
+    for module in extras:
+        for k, v in model.get_submodule(module).state_dict().items():
+            tensors[f"base_model.model.{module}.{k}"] = v.detach().cpu().contiguous()
+    (r, alpha), _ = Counter(pairs.values()).most_common(1)[0]
+    if task_type == "auto":
+        task_type = "SEQ_CLS" if type(model).__name__.endswith("ForSequenceClassification") else None
+    if base_model_name_or_path is None:
+        base_model_name_or_path = getattr(getattr(model, "config", None), "_name_or_path", None) or None
+    config = {
+        "peft_type": "LORA", "task_type": task_type, "base_model_name_or_path": base_model_name_or_path,
+        "r": r, "lora_alpha": alpha, "target_modules": list(pairs),
+        "rank_pattern": {re.escape(n): p[0] for n, p in pairs.items() if p[0] != r},
+        "alpha_pattern": {re.escape(n): p[1] for n, p in pairs.items() if p[1] != alpha},
+        "modules_to_save": extras or None, "lora_dropout": 0.0, "bias": "none",
+        "fan_in_fan_out": False, "use_rslora": False, "use_dora": False, "init_lora_weights": True,
+        "inference_mode": True,
+    }
+    os.makedirs(directory, exist_ok=True)
+    with open(os.path.join(directory, "adapter_config.json"), "w") as f:
+        json.dump(config, f, indent=2)
+    save_file(tensors, os.path.join(directory, "adapter_model.safetensors"), metadata={"format": "pt"})
+    return config
+
+
+def _rank_and_world() -> tuple[int, int]:
+    dist = torch.distributed
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def _rng_state() -> dict:
+    """torch CPU, current CUDA device, python `random` and (if imported) numpy's global RNG, as
+    tensors and numbers that torch.load(weights_only=True) accepts."""
+    import random
+    import sys
+    version, mt, gauss = random.getstate()
+    state = {"torch": torch.get_rng_state(), "python": torch.tensor(mt, dtype=torch.int64),
+             "python_version": version, "python_gauss": gauss}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state()
+    np = sys.modules.get("numpy")
+    if np is not None:
+        _, keys, pos, has_gauss, cached = np.random.get_state()
+        state["numpy"] = {"keys": torch.from_numpy(keys.astype("int64")), "pos": int(pos),
+                          "has_gauss": int(has_gauss), "cached": float(cached)}
+    return state
+
+
+def _set_rng_state(state: dict) -> None:
+    import random
+    torch.set_rng_state(state["torch"])
+    random.setstate((state["python_version"], tuple(state["python"].tolist()), state["python_gauss"]))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
+    if "numpy" in state:
+        import numpy as np
+        s = state["numpy"]
+        keys = s["keys"].numpy().astype(np.uint32)
+        np.random.set_state(("MT19937", keys, s["pos"], s["has_gauss"], s["cached"]))
+
+
+def save_checkpoint(path, model: nn.Module, optimizer=None, scheduler=None, freezer=None, **extra) -> None:
+    """Save what an exact resume needs to one file: adapter_state_dict(model), the optimizer,
+    scheduler and freezer state_dicts, this process's RNG states and rank, and `extra` (e.g. step=t).
+
+    The file is checked to load with torch.load(weights_only=True) before it is written, so `extra`
+    may hold tensors, numbers, strings, lists and dicts, never arbitrary objects. Under DDP every
+    rank saves its own file: the adapters are the same on every rank, the RNG states are not.
+    """
+    import io
+    rank, world = _rank_and_world()
+    state = {"format": _CHECKPOINT_FORMAT, "adapter": adapter_state_dict(_unwrap(model)),
+             "rng": _rng_state(), "rank": rank, "world_size": world, "extra": dict(extra)}
+    for key, obj in (("optimizer", optimizer), ("scheduler", scheduler), ("freezer", freezer)):
+        if obj is not None:
+            state[key] = obj.state_dict()
+    buffer = io.BytesIO()
+    torch.save(state, buffer)
+    buffer.seek(0)
+    try:
+        torch.load(buffer, weights_only=True)
+    except Exception as e:
+        raise TypeError("this checkpoint could not be loaded back with torch.load(weights_only=True); "
+                        "keep extra= and the scheduler's state to tensors, numbers, strings, lists and "
+                        f"dicts: {e}") from None
+    with open(path, "wb") as f:
+        f.write(buffer.getbuffer())
+
+
+def _check_optimizer_state(optimizer: torch.optim.Optimizer, saved: dict) -> None:
+    sizes = [len(g["params"]) for g in optimizer.param_groups]
+    saved_sizes = [len(g["params"]) for g in saved["param_groups"]]
+    if sizes != saved_sizes:
+        raise ValueError(f"the optimizer state is for parameter groups of sizes {saved_sizes}, this optimizer "
+                         f"has {sizes}; build the optimizer as in the original run, on the freshly built "
+                         "model (frozen matrices included) and before load_checkpoint")
+    params = {i: p for sg, g in zip(saved["param_groups"], optimizer.param_groups)
+              for i, p in zip(sg["params"], g["params"])}
+    for i, st in saved["state"].items():
+        for k, v in st.items():
+            if torch.is_tensor(v) and v.dim() > 0 and v.shape != params[i].shape:
+                raise ValueError(f"optimizer state {k!r} of parameter {i} has shape {tuple(v.shape)}, "
+                                 f"the parameter's is {tuple(params[i].shape)}")
+
+
+def load_checkpoint(path, model: nn.Module, optimizer=None, scheduler=None, freezer=None) -> dict:
+    """Resume from save_checkpoint(): build the model (add_adapters), optimizer, scheduler and freezer
+    exactly as for a fresh run, then call this. Returns the `extra` dict that was saved.
+
+    Reads with torch.load(weights_only=True): tensors and plain containers, never arbitrary pickled
+    objects. Everything is checked before anything changes. The RNG states are restored only if the
+    file was saved by this rank of the same world size (otherwise a warning says they were not).
+    """
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    if not isinstance(state, dict) or state.get("format") != _CHECKPOINT_FORMAT:
+        raise ValueError(f"{path} is not an aflora_min checkpoint; write one with save_checkpoint()")
+    for key, obj in (("optimizer", optimizer), ("scheduler", scheduler), ("freezer", freezer)):
+        if obj is not None and key not in state:
+            raise ValueError(f"the checkpoint holds no {key} state (it was saved without one); pass {key}=None")
+    if optimizer is not None:
+        _check_optimizer_state(optimizer, state["optimizer"])
+    if freezer is not None:
+        freezer.check_state_dict(state["freezer"])
+    load_adapter_state_dict(_unwrap(model), state["adapter"])       # checks, then copies
+    if optimizer is not None:
+        optimizer.load_state_dict(state["optimizer"])
+    if scheduler is not None:
+        scheduler.load_state_dict(state["scheduler"])
+    if freezer is not None:
+        freezer.load_state_dict(state["freezer"])
+    if (state["rank"], state["world_size"]) == _rank_and_world():
+        _set_rng_state(state["rng"])
+    else:
+        rank, world = _rank_and_world()
+        warnings.warn(f"checkpoint saved by rank {state['rank']} of {state['world_size']}, loaded by rank "
+                      f"{rank} of {world}: adapters and optimizer restored, RNG states NOT restored (the "
+                      "resume is not bit-exact); let each rank save and load its own file", stacklevel=2)
+    return state["extra"]
+
+
+def rewrap_ddp(ddp_model: nn.Module, **ddp_kwargs) -> nn.Module:
+    """A new DistributedDataParallel around `ddp_model.module`, built for the parameters that require
+    grad now. Call it after every freezer.step() that froze something, before the next forward:
+
+        if freezer.step():                      # same matrices, same step, on every rank
+            model = rewrap_ddp(model, device_ids=[local_rank])
+
+    Why: DDP's reducer is built for the parameters that required grad at wrap time. Once a matrix
+    is frozen, the default wrapper (find_unused_parameters=False) never sees its gradient: the next
+    step silently skips the all-reduce of that gradient bucket (the ranks diverge), and the step
+    after raises "Expected to have finished reduction in the prior iteration". The alternative is
+    DDP(model, find_unused_parameters=True) from the start, which costs a graph traversal every step.
+    Every rank freezes the same matrices because the scores come from the all-reduced gradients;
+    this is checked (one small all_gather), as ranks that disagree would hang in the next backward.
+    Pass the keyword arguments of the original wrap; init_sync=False (nothing is broadcast, the
+    weights already agree on every rank) unless you pass it.
+    """
+    import inspect
+    from torch.nn.parallel import DistributedDataParallel
+    if not isinstance(ddp_model, DistributedDataParallel):
+        raise TypeError(f"rewrap_ddp expects a DistributedDataParallel model, got {type(ddp_model).__name__}")
+    group = ddp_model.process_group
+    flags = [p.requires_grad for p in ddp_model.module.parameters()]
+    everyone = [None] * torch.distributed.get_world_size(group)
+    torch.distributed.all_gather_object(everyone, flags, group=group)
+    if any(f != flags for f in everyone):
+        raise RuntimeError("the ranks disagree on which parameters require grad (different freeze "
+                           "decisions?); every rank must run the same freezer on the all-reduced gradients")
+    if "init_sync" in inspect.signature(DistributedDataParallel).parameters:   # torch >= 2.4
+        ddp_kwargs.setdefault("init_sync", False)
+    return DistributedDataParallel(ddp_model.module, **ddp_kwargs)
