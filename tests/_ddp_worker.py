@@ -11,6 +11,7 @@ Strategies after a freeze event (a matrix's requires_grad turns False mid-run):
   plain        DDP(model) kept as is: shows what breaks (recorded, not raised)
 `train(strategy=None)` without torch.distributed is the single-process run on the same global batch.
 """
+import json
 import os
 import statistics
 import sys
@@ -105,7 +106,7 @@ def disagree():
 # -------------------------------------------------------------------------------------------------
 # --bench: the per-step cost of each strategy on a MiniLM-shaped BERT (random weights, no download)
 
-def bench(steps_per_chunk=3, rounds=7, hidden=384, layers=6, batch_size=4, length=32):
+def bench(out, steps_per_chunk=3, rounds=7, hidden=384, layers=6, batch_size=4, length=32):
     from transformers import BertConfig, BertForSequenceClassification
     rank = dist.get_rank()
     cfg = BertConfig(hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=12,
@@ -170,6 +171,15 @@ def bench(steps_per_chunk=3, rounds=7, hidden=384, layers=6, batch_size=4, lengt
                 print(f"  {phase:20s} {name:48s} {ms:8.1f} {diff:+18.1f} ms")
         for name, ms in rewrap.items():
             print(f"  one-off cost of {name:38s} {ms:8.1f} ms")
+        settings = {"torch": torch.__version__, "backend": "gloo", "world_size": dist.get_world_size(),
+                    "threads_per_rank": torch.get_num_threads(), "hidden": hidden, "layers": layers,
+                    "batch_per_rank": batch_size, "length": length, "rounds": rounds,
+                    "steps_per_chunk": steps_per_chunk, "command": " ".join(["tests/_ddp_worker.py"] + sys.argv[1:])}
+        records = [{"phase": phase, "strategy": name, "step_ms": ms, "paired_diff_ms": diff}
+                   for phase, row in report.items() for name, (ms, diff) in row.items()]
+        records += [{"phase": "one-off", "strategy": name, "step_ms": ms} for name, ms in rewrap.items()]
+        with open(os.path.join(out, "ddp_cpu.json"), "w") as f:
+            json.dump({"settings": settings, "records": records}, f, indent=1)
 
 
 def main():
@@ -178,7 +188,7 @@ def main():
     dist.init_process_group("gloo")
     if "--bench" in sys.argv:
         kw = {a.split("=")[0][2:]: int(a.split("=")[1]) for a in sys.argv[2:] if "=" in a}
-        bench(**kw)
+        bench(out, **kw)
     else:
         results = {s: train(s) for s in STRATEGIES}
         results["disagree"] = disagree()
