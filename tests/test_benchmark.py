@@ -1,0 +1,176 @@
+"""Unit tests of notebooks/benchmark.py's logic (no model is trained or timed here)."""
+import json
+import math
+
+import pytest
+
+import aflora_min as am
+import benchmark as bm
+
+
+def test_learning_rates_follow_the_documented_choice():
+    assert bm.learning_rates("lora", "rte") == (5e-4, 5e-4)
+    assert bm.learning_rates("peft_lora", "CoLA") == (5e-4, 5e-4)
+    for method in ("elora", "aflora", "peft_vera"):
+        assert bm.learning_rates(method, "STS-B") == (2e-2, 4e-3)
+        assert bm.learning_rates(method, "SST-2") == (4e-3, 4e-3)
+    with pytest.raises(ValueError, match="unknown method"):
+        bm.learning_rates("adalora", "RTE")
+
+
+def test_grid_settings_full_fast_and_overrides():
+    full = bm.grid_settings("mrpc", "full")
+    assert (full["epochs"], full["batch_size"], full["max_length"], full["train_limit"]) == (20, 32, 128, None)
+    assert bm.grid_settings("SST-2", "full")["epochs"] == 1
+    fast = bm.grid_settings("CoLA", "fast", epochs=3, train_limit=None)
+    assert fast["epochs"] == 3 and fast["train_limit"] == 48  # None keeps the mode's value
+    with pytest.raises(ValueError, match="unknown settings"):
+        bm.grid_settings("RTE", "full", lr=1)
+    with pytest.raises(ValueError, match="mode"):
+        bm.grid_settings("RTE", "medium")
+
+
+@pytest.mark.parametrize("epochs,per_epoch,expected", [
+    (20, 100, (100, 1400)),    # released code: 1 + 14 of 20 epochs
+    (10, 100, (100, 700)),     # released code: 1 + 7 of 10 epochs
+    (1, 2105, (210, 1474)),    # SST-2, one epoch: 10% warm-up
+])
+def test_aflora_schedule_reproduces_the_released_fractions(epochs, per_epoch, expected):
+    assert bm.aflora_schedule(epochs * per_epoch, per_epoch) == expected
+
+
+@pytest.mark.parametrize("total", [2, 3, 5, 8, 12, 97])
+def test_aflora_schedule_is_always_valid_for_the_freezer(total):
+    t_init, t_final = bm.aflora_schedule(total, max(1, total // 2))
+    assert 0 <= t_init and 0 <= t_final and t_init + t_final < total
+    am.cubic_schedule(0, total, t_init, t_final)  # raises if invalid
+
+
+def test_reserved_names_only_for_a_full_cuda_run(tmp_path):
+    for kind in ("glue", "speed"):
+        with pytest.raises(ValueError, match="reserved"):
+            bm.check_out_path(tmp_path / f"{kind}.json", kind, "cpu", "full")
+        with pytest.raises(ValueError, match="reserved"):
+            bm.check_out_path(tmp_path / f"{kind}.json", kind, "cuda", "fast")
+        assert bm.check_out_path(tmp_path / f"{kind}_cpu.json", kind, "cpu", "fast").name == f"{kind}_cpu.json"
+    assert bm.check_out_path(tmp_path / "glue.json", "glue", "cuda", "full").name == "glue.json"
+
+
+def test_records_round_trip_and_append(tmp_path):
+    path = tmp_path / "sub" / "r.json"
+    assert bm.read_records(path) == []
+    bm.append_record(path, {"a": 1})
+    bm.append_record(path, {"a": 2})
+    assert bm.read_records(path) == [{"a": 1}, {"a": 2}]
+    assert not [p for p in path.parent.iterdir() if p.name.endswith(".tmp")]
+    path.write_text(json.dumps({"not": "a list"}))
+    with pytest.raises(ValueError, match="list"):
+        bm.read_records(path)
+
+
+def _rec(task, method, seed, best, params, wall, **extra):
+    return dict(task=task, method=method, seed=seed, metric="acc", best=best, last=best,
+                trainable_params_avg=params, wall_s=wall, device="cuda", mode="full", **extra)
+
+
+def test_grid_resumes_and_writes_each_run_at_once(tmp_path, monkeypatch):
+    calls = []
+
+    def fake_train_one(task, method, seed, settings, device, train_ex=None, dev_ex=None, log_every=None):
+        calls.append((task, method, seed))
+        # the file already holds every earlier run when the next one starts
+        assert len(bm.read_records(out)) == len(calls)  # one record was there before the grid
+        return _rec(task, method, seed, 0.5, 10, 1.0)
+
+    monkeypatch.setattr(bm, "train_one", fake_train_one)
+    monkeypatch.setattr(bm, "_load_task", lambda task, settings, seed=0: ([], []))
+    out = tmp_path / "grid.json"
+    bm.append_record(out, _rec("RTE", "lora", 0, 0.6, 10, 1.0))
+    written = bm.run_glue_grid(["RTE"], ["lora", "aflora"], [0, 1], "full", out, device="cpu", log=None)
+    assert calls == [("RTE", "aflora", 0), ("RTE", "lora", 1), ("RTE", "aflora", 1)]
+    assert len(written) == 3 and len(bm.read_records(out)) == 4
+    assert all(not bm.missing_fields(r) for r in bm.read_records(out))
+    calls.clear()
+    bm.run_glue_grid(["RTE"], ["lora", "aflora"], [0, 1], "full", out, device="cpu", log=None)
+    assert calls == []  # everything done: nothing reruns
+
+
+def test_grid_stops_before_the_time_budget(tmp_path, monkeypatch):
+    monkeypatch.setattr(bm, "_load_task", lambda task, settings, seed=0: ([], []))
+    monkeypatch.setattr(bm, "train_one", lambda task, method, seed, *a, **k: _rec(task, method, seed, 0.5, 10, 600.0))
+    out = tmp_path / "grid.json"
+    written = bm.run_glue_grid(["RTE"], ["lora", "elora"], [0], "fast", out, device="cpu", max_minutes=5, log=None)
+    assert len(written) == 1  # the first run "took" 10 minutes: the second would not fit
+
+
+def test_grid_refuses_reserved_name_on_cpu(tmp_path):
+    with pytest.raises(ValueError, match="reserved"):
+        bm.run_glue_grid(["RTE"], ["lora"], [0], "full", tmp_path / "glue.json", device="cpu", log=None)
+
+
+def test_summarize_and_targets_from_results():
+    glue = []
+    for task in ("RTE", "MRPC"):
+        for seed in (0, 1):
+            glue += [_rec(task, "lora", seed, 0.70, 331_776, 100.0),
+                     _rec(task, "elora", seed, 0.69, 57_600, 200.0),
+                     _rec(task, "aflora", seed, 0.71, 34_000, 90.0)]
+    s = bm.summarize_glue(glue)
+    assert list(s) == ["lora", "elora", "aflora"]
+    assert s["aflora"]["mean"] == pytest.approx(0.71) and s["lora"]["wall_s"] == 400.0
+    speed = [dict(name="floor", step_ms=10.0), dict(name="peft_lora8", step_ms=20.0),
+             dict(name="lora8", step_ms=19.0), dict(name="peft_vera1024", step_ms=50.0),
+             dict(name="elora1024", step_ms=60.0), dict(name="aflora4_frozen", step_ms=11.9),
+             dict(name="freezer_overhead", step_ms=0.5, pct_of_step=4.0)]
+    rows = {r["target"]: r["status"] for r in bm.targets(glue, speed, "g", "s")}
+    assert list(rows.values()) == ["met", "met", "met", "met", "missed", "met", "missed"]
+    rows = bm.targets(None, None)
+    assert len(rows) == 7 and {r["status"] for r in rows} == {"not measured yet"}
+    assert "not measured yet" in bm.format_targets(rows)
+
+
+def test_aflora_param_ratio_is_part_of_the_accuracy_target():
+    glue = [_rec("RTE", "lora", 0, 0.70, 331_776, 1.0), _rec("RTE", "aflora", 0, 0.71, 100_000, 1.0)]
+    first = bm.targets(glue, None)[0]
+    assert first["status"] == "missed" and "3.3x fewer" in first["value"]
+
+
+def test_freeze_matrix_reads_frozen_at():
+    recs = [dict(task="RTE", steps=100, freezer=dict(total_steps=100), frozen_at={
+        "bert.encoder.layer.0.intermediate.dense.lora_A": 30,
+        "bert.encoder.layer.1.output.dense.lora_B": 10}),
+        dict(task="RTE", steps=100, freezer=dict(total_steps=100), frozen_at={
+            "bert.encoder.layer.0.intermediate.dense.lora_A": 20})]
+    rows, layers, values = bm.freeze_matrix(recs)
+    assert rows[0] == "intermediate A" and layers == [0, 1]
+    assert values[0][0] == pytest.approx(0.25)
+    assert values[3][1] == pytest.approx(0.10)
+    assert math.isnan(values[1][0])
+
+
+def test_speed_records_table_formats():
+    recs = [dict(name="floor", step_ms=1.0, peak_mib=None, params=0, fwd_bwd_ms=0.9),
+            dict(name="freezer_overhead", step_ms=0.1, peak_mib=None, params=92_160, pct_of_step=1.0)]
+    text = bm.format_speed(recs)
+    assert "floor" in text and "1.00% of a step" in text
+
+
+def test_speed_reports_a_peft_config_it_cannot_build(tmp_path, monkeypatch):
+    """An old or missing peft on the GPU image must not cost the other numbers."""
+    real = bm.build_model
+
+    def build(method, *args, **kwargs):
+        if method.startswith("peft_"):
+            raise ImportError("no peft here")
+        return real(method, *args, **kwargs)
+
+    monkeypatch.setattr(bm, "build_model", build)
+    recs = bm.run_speed(tmp_path / "speed_cpu.json", batch=2, length=8, warmup=0, rounds=1,
+                        steps_per_round=1, device="cpu", names=("floor", "peft_lora8"), log=lambda s: None)
+    by = {r["name"]: r for r in recs}
+    assert by["floor"]["step_ms"] > 0 and by["floor"]["params"] == 0 and by["floor"]["peak_mib"] is None
+    assert by["peft_lora8"]["step_ms"] is None and "no peft here" in by["peft_lora8"]["error"]
+    assert bm.read_records(tmp_path / "speed_cpu.json") == recs
+    rows = {r["target"]: r["status"] for r in bm.targets(None, recs)}
+    assert rows["our LoRA r=8 step <= PEFT LoRA r=8"] == "not measured yet"
+    assert "not measured" in bm.format_speed(recs)
