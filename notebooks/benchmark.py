@@ -97,24 +97,7 @@ GLUE_FIELDS = ("task", "method", "seed", "metric", "best", "last", "trainable_pa
 SPEED_FIELDS = ("name", "step_ms", "peak_mib", "params")
 RESERVED = {"glue.json": "glue", "speed.json": "speed"}
 COMMAND: str | None = None  # the command line, stored in the records when run as a script
-THREADS: int | None = None  # CPU threads; None: helpers.setup's choice (every allowed core)
-
-
-def set_threads(n: int | None) -> None:
-    """Pin torch's CPU thread count for this process (kept across helpers.setup calls). On a CPU shared
-    with other jobs, 1 thread avoids the spin-wait slow-down of oversubscribed OpenMP threads."""
-    global THREADS
-    THREADS = n
-    if n:
-        torch.set_num_threads(n)
-
-
-def setup(seed: int = 0) -> torch.device:
-    """helpers.setup (seeds, quiet transformers) keeping the thread count of set_threads."""
-    device = helpers.setup(seed)
-    if THREADS:
-        torch.set_num_threads(THREADS)
-    return device
+set_threads = helpers.set_threads  # pin CPU threads; helpers.setup keeps the pin
 
 # ------------------------------------------------------------------------------------------------
 # Settings of the grid
@@ -363,7 +346,7 @@ def train_one(task: str, method: str, seed: int, settings: dict, device, train_e
     task = helpers.task_name(task)
     if train_examples is None:
         train_examples, dev_examples = _load_task(task, settings)
-    setup(seed)
+    helpers.setup(seed)
     model, tok = build_model(method, task, device, seed=seed)
     train_loader = helpers.make_loader(tok, train_examples, settings["batch_size"],
                                        settings["max_length"], shuffle=True, seed=seed)
@@ -513,7 +496,7 @@ def build_speed_configs(device, names=SPEED_NAMES, task="SST-2", seed=0) -> dict
         configs[name] = dict(model=model, optimizer=opt, freezer=freezer, params=adapter_trainable(model),
                              description=description)
 
-    setup(seed)
+    helpers.setup(seed)
     if "floor" in wanted:
         model, _ = helpers.load_model(task, device)
         for n, p in model.named_parameters():
@@ -972,7 +955,7 @@ def _main(argv=None):
         return
     set_weights(a.weights)
     set_threads(a.threads)
-    setup(0)
+    helpers.setup(0)
     if a.cmd == "speed":
         run_speed(a.out, batch=a.batch, length=a.length, warmup=a.warmup, rounds=a.rounds,
                   steps_per_round=a.steps_per_round, device=a.device, names=a.only)

@@ -37,16 +37,31 @@ MODE = _parse_mode(os.environ.get("AFLORA_MODE"))
 FAST = MODE == "fast"
 
 
+THREADS: int | None = None  # set_threads(n) pins this; None: every allowed core (or OMP_NUM_THREADS)
+
+
+def set_threads(n: int | None) -> None:
+    """Pin torch's CPU thread count for this process; setup() keeps it. On a CPU shared with
+    other jobs, 1 thread avoids the spin-wait slow-down of oversubscribed OpenMP threads."""
+    global THREADS
+    THREADS = n
+    if n:
+        torch.set_num_threads(n)
+
+
 def setup(seed: int = 0) -> torch.device:
     """Seed python/numpy/torch, silence transformers, use every allowed CPU core (unless
-    OMP_NUM_THREADS is set); return cuda if available, else cpu. Hub access is off (offline)."""
+    set_threads or OMP_NUM_THREADS says otherwise); return cuda if available, else cpu.
+    Hub access is off (offline)."""
     import transformers
     transformers.logging.set_verbosity_error()
     transformers.logging.disable_progress_bar()
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)  # also seeds every CUDA device
-    if hasattr(os, "sched_getaffinity") and "OMP_NUM_THREADS" not in os.environ:
+    if THREADS:
+        torch.set_num_threads(THREADS)
+    elif hasattr(os, "sched_getaffinity") and "OMP_NUM_THREADS" not in os.environ:
         torch.set_num_threads(max(1, len(os.sched_getaffinity(0))))
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
