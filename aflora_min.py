@@ -21,6 +21,7 @@ scaling for ELoRA/AFLoRA; the quantile freezing rule; sensitivity = |grad|).
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import math
 import warnings
 
@@ -29,7 +30,7 @@ import torch.nn as nn
 
 __all__ = [
     "LoRALinear", "ELoRALinear", "AFLoRALinear", "add_adapters", "adapter_layers",
-    "cubic_schedule", "AFLoRAFreezer", "count_parameters", "print_trainable_parameters",
+    "layer_seed", "cubic_schedule", "AFLoRAFreezer", "count_parameters", "print_trainable_parameters",
     "merge_adapters", "unmerge_adapters", "disable_adapters", "adapter_state_dict",
     "load_adapter_state_dict", "lora_factors", "export_lora", "save_checkpoint", "load_checkpoint",
     "rewrap_ddp",
@@ -154,11 +155,22 @@ class ELoRALinear(_AdapterLinear):
     only the vectors d (r,) = d_init and b (out,) = 0 train. Unlike PEFT's VeRA, which shares one
     pair across layers, each module draws its own pair (as the AFLoRA code's ELoRA does).
     r may exceed in_features: the matrices are just wide.
+
+    Two exact ways to compute the same output (`path`, also settable later as `layer.path`):
+      "token"   every token goes through A and B: b ⊙ (B (d ⊙ (A x))), as PEFT's VeRA does
+      "weight"  form ΔW = delta_weight() once per forward and do one matmul with W0 + ΔW; autograd
+                gives the gradients of d and b through ΔW. On a low-precision base, or under
+                autocast, a small ΔW would be rounded away inside W0, so there the adapter's
+                contribution x ΔWᵀ is added to base(x) separately (in fp32 on a fp16/bf16 base).
+      "auto"    (default) whichever costs fewer multiply-adds for this input (see choose_path).
     """
 
+    PATHS = ("auto", "token", "weight")
+
     def __init__(self, base_layer: nn.Linear, r: int = 1024, d_init: float = 0.1, seed: int = 0,
-                 trainable_projections: bool = False):
+                 trainable_projections: bool = False, path: str = "auto"):
         super().__init__(base_layer, r)
+        self.path = path
         g = torch.Generator().manual_seed(int(seed))
         self.seed = int(seed)
         self.lora_A = self._param(_kaiming_uniform((r, self.in_features), self.in_features, g),
@@ -175,6 +187,48 @@ class ELoRALinear(_AdapterLinear):
     def adapter_forward(self, x: torch.Tensor) -> torch.Tensor:
         return ((x @ self.lora_A.T) * self.lora_d) @ self.lora_B.T * self.lora_b  # (..., out)
 
+    @property
+    def path(self) -> str:
+        return self._path
+
+    @path.setter
+    def path(self, value: str) -> None:
+        if value not in self.PATHS:
+            raise ValueError(f"path must be one of {self.PATHS}, got {value!r}")
+        self._path = value
+
+    def _fused(self, x: torch.Tensor) -> bool:
+        """Whether the weight path may fold ΔW into W0 (an fp32 base, no autocast)."""
+        return self.base_layer.weight.dtype == torch.float32 and not torch.is_autocast_enabled(x.device.type)
+
+    def choose_path(self, x: torch.Tensor) -> str:
+        """The path a forward on x takes. "auto" compares the extra multiply-adds of forward +
+        backward over the frozen layer's own work, for n = x.numel() / in tokens:
+
+            token   2 n r (in + out)              (A x and B h, then their two input gradients)
+            weight  3 out r in + c n in out       (form ΔW, its two factor gradients, the ΔW
+                                                   gradient gyᵀ x; c = 1 fused into W0, else 3)
+
+        and takes the cheaper; the token path while A or B still train (AFLoRA's adaptive phase),
+        whose gradients the weight path would form as full out x in products."""
+        if self.path != "auto":
+            return self.path
+        if self.lora_A.requires_grad or self.lora_B.requires_grad:
+            return "token"
+        n, i, o, r = x.numel() // self.in_features, self.in_features, self.out_features, self.r
+        token = 2 * n * r * (i + o)
+        weight = 3 * o * r * i + (1 if self._fused(x) else 3) * n * i * o
+        return "weight" if weight < token else "token"
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # x: (..., in) -> (..., out)
+        if self.merged or self.disabled or self.choose_path(x) == "token":
+            return super().forward(x)
+        base = self.base_layer
+        if self._fused(x):                                       # one matmul with W0 + ΔW
+            return nn.functional.linear(x, base.weight + self.delta_weight(), base.bias)
+        y = base(x)                                              # keep ΔW out of a low-precision W0
+        return y + nn.functional.linear(x.to(torch.float32), self.delta_weight()).to(y.dtype)
+
 
 class AFLoRALinear(ELoRALinear):
     """AFLoRA: the ELoRA update at small rank, with A and B trainable until the freezer freezes them.
@@ -185,11 +239,11 @@ class AFLoRALinear(ELoRALinear):
     """
 
     def __init__(self, base_layer: nn.Linear, r: int = 4, adaptive: bool | None = None,
-                 d_init: float = 0.1, seed: int = 0):
+                 d_init: float = 0.1, seed: int = 0, path: str = "auto"):
         if adaptive is None and isinstance(base_layer, nn.Linear):
             adaptive = base_layer.in_features != base_layer.out_features
         super().__init__(base_layer, r, d_init=d_init, seed=seed,
-                         trainable_projections=bool(adaptive))
+                         trainable_projections=bool(adaptive), path=path)
         self.adaptive = bool(adaptive)
 
 
@@ -207,6 +261,16 @@ def adapter_layers(model: nn.Module):
             yield name, module
 
 
+def layer_seed(seed: int, name: str) -> int:
+    """The projection seed of layer `name` in a run seeded `seed`: 63 bits of SHA-256("seed:name").
+
+    A plain seed + i would make run s+1's layer i draw the same A, B as run s's layer i+1, so runs
+    with "different" seeds would share most of their projections. Stable across processes and
+    machines (not Python's salted hash())."""
+    digest = hashlib.sha256(f"{int(seed)}:{name}".encode()).digest()
+    return int.from_bytes(digest[:8], "little") >> 1
+
+
 def _matches(name: str, targets) -> bool:
     return any(name == t or name.endswith("." + t) for t in targets)
 
@@ -216,8 +280,9 @@ def add_adapters(model: nn.Module, method: str, targets, r: int | None = None,
     """Wrap every nn.Linear whose dotted name equals a target or ends with "." + target.
 
     Freezes every other parameter except those whose name contains an entry of `train`.
-    `options` go to the layer class (alpha, dropout for LoRA; d_init, adaptive for ELoRA/AFLoRA).
-    ELoRA/AFLoRA layer i (in module order) draws its random A, B with seed + i. Returns the model.
+    `options` go to the layer class (alpha, dropout for LoRA; d_init, adaptive, path for ELoRA/AFLoRA).
+    ELoRA/AFLoRA: each layer draws its random A, B from `layer_seed(seed, name)`, a hash of the run's
+    seed and the layer's dotted name, so no two (seed, layer) pairs share a projection. Returns the model.
     """
     if method not in _METHODS:
         raise ValueError(f"unknown method {method!r}; choose one of {sorted(_METHODS)}")
@@ -244,11 +309,11 @@ def add_adapters(model: nn.Module, method: str, targets, r: int | None = None,
     for p in model.parameters():
         p.requires_grad_(False)
     cls = _METHODS[method]
-    for i, (name, linear) in enumerate(chosen):
+    for name, linear in chosen:
         if method == "lora":
             layer = cls(linear, r=r, **options)
         else:
-            layer = cls(linear, r=r, seed=seed + i, **options)
+            layer = cls(linear, r=r, seed=layer_seed(seed, name), **options)
         parent_name, _, child = name.rpartition(".")
         setattr(model.get_submodule(parent_name) if parent_name else model, child, layer)
     unmatched = [t for t in train if not any(t in n for n, _ in model.named_parameters())]
@@ -290,11 +355,18 @@ class AFLoRAFreezer:
       every ΔT steps  Ī <- β1 Ī + (1-β1) I                 (smoothed sensitivity, eq. 5)
                       Ū <- β2 Ū + (1-β2) |I - Ī|           (uncertainty, eq. 6, with the new Ī)
                       s = Ī ⊙ Ū, score(θ) = mean(s)          (freezing score, eq. 7)
-    Rule (rule="quantile", the released code's, default): every ΔT steps (every step once ρ = 0)
-    take the (1-ρ) quantile q of the ELEMENT scores of all still-trainable matrices and freeze each
+    Rule (rule="quantile", the released code's, default): every ΔT steps take the k-th smallest
+    ELEMENT score q of all still-trainable matrices, k = int(N (1-ρ)) of their N elements (rounded
+    down, as released; k = 0 freezes nothing, where the released code would crash), and freeze each
     matrix whose mean score is below q. rule="rank": freeze the lowest-scoring matrices until the
-    frozen fraction reaches 1-ρ. Either way every matrix is frozen once ρ = 0 (t > T - t_f).
-    Freezing sets requires_grad=False, drops .grad and, if `optimizer` is given, its state.
+    frozen fraction reaches 1-ρ. Either way everything left is frozen at the first step where ρ = 0,
+    which is t = T - t_f (ρ(T - t_f) = 0), even if that step's window had a non-finite gradient.
+
+    Two small differences from the released code, both deliberate: (1) t counts steps taken (the
+    first step() is t = 1), the released loop counts from 0, so our freeze-all lands one optimizer
+    step earlier; (2) a matrix frozen at step t does not take step t's update (its .grad and Adam
+    state are dropped before optimizer.step()), where the released code lets it take that one more
+    update. Freezing sets requires_grad=False, drops .grad and, if `optimizer` is given, its state.
     """
 
     def __init__(self, model: nn.Module, total_steps: int, t_init: int, t_final: int,
@@ -395,9 +467,11 @@ class AFLoRAFreezer:
         if rho <= 0.0:
             return list(names)
         if self.rule == "quantile":
-            elems = torch.cat([self.element_scores(n).flatten() for n in names]).float()
-            k = max(1, min(elems.numel(), math.ceil((1.0 - rho) * elems.numel())))
-            q = elems.kthvalue(k).values.item() if rho < 1.0 else -math.inf
+            elems = torch.cat([self.element_scores(n).flatten() for n in names]).float()  # (N,)
+            k = int(elems.numel() * (1.0 - rho))           # the released code's count, rounded down
+            if k < 1:
+                return []
+            q = elems.kthvalue(k).values.item()            # the (1-ρ) quantile of the element scores
             return [n for n in names if scores[n] < q]
         n_frozen_target = math.ceil((1.0 - rho) * len(self.params) - 1e-9)
         n_new = max(0, n_frozen_target - len(self.frozen_at))
@@ -433,10 +507,12 @@ class AFLoRAFreezer:
         new = []
         if t % self.window == 0 or rho == 0.0:
             scores = self.update_scores(names)
-            if scores is not None and t > self.t_init:
+            if rho == 0.0:                  # t = T - t_f: everything left freezes, scores or not
+                new = list(names)
+            elif scores is not None and t > self.t_init:
                 new = self.to_freeze(names, scores, rho)
-                for n in new:
-                    self.freeze(n)
+            for n in new:
+                self.freeze(n)
         if new:
             self.history.append((t, self.trainable_adapter_params(self._model)))
         return new

@@ -67,6 +67,8 @@ import time
 import warnings
 from pathlib import Path
 
+import numpy as np
+
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
 for _p in (str(REPO), str(HERE)):
@@ -117,18 +119,29 @@ set_threads = helpers.set_threads  # pin CPU threads; helpers.setup keeps the pi
 # AFLoRA schedule: t_init = min(1 epoch, 10% of T), t_final = 70% of T, window 10, beta1 0.85,
 # beta2 0.95, the quantile rule: exactly the released code's 1 + 14 of 20 epochs / 1 + 7 of 10 epochs.
 FULL_EPOCHS = {"CoLA": 10, "SST-2": 1, "MRPC": 20, "RTE": 20, "STS-B": 10}
+# The CPU protocol (mode "cpu"): the full protocol costs about 27 h of this 2-core machine (measured by
+# `benchmark.py plan`, results/grid_plan_cpu.json), so the largest tasks get fewer epochs, fixed before
+# any result was seen and the same for every method: CoLA 5, MRPC 5, RTE 5, STS-B 3 epochs, SST-2 a
+# third of an epoch (625 steps of 32 over the shuffled training set). Batches grouped by length.
+CPU_EPOCHS = {"CoLA": 5, "SST-2": 1, "MRPC": 5, "RTE": 5, "STS-B": 3}
+CPU_MAX_STEPS = {"SST-2": 625}
+# Learning rates in mode "cpu": today's values x one factor per method, the factor chosen from
+# LR_FACTORS by the held-out procedure of `lr_search` (never the dev set).
+LR_FACTORS = (1 / 3, 1.0, 3.0)
+LR_SEARCH_TASKS = ("SST-2", "STS-B")
+HELDOUT_FRACTION, HELDOUT_SEED = 0.10, 1234
 VECTOR_LR = {"CoLA": 1e-2, "SST-2": 4e-3, "MRPC": 1e-2, "RTE": 1e-2, "STS-B": 2e-2}
 VECTOR_HEAD_LR = 4e-3
 LORA_LR = 5e-4
 
 
-def learning_rates(method: str, task: str) -> tuple[float, float]:
-    """(adapter lr, classifier lr) of a method on a task."""
+def learning_rates(method: str, task: str, factor: float = 1.0) -> tuple[float, float]:
+    """(adapter lr, classifier lr) of a method on a task, both times `factor`."""
     task = helpers.task_name(task)
     if method in ("lora", "peft_lora"):
-        return LORA_LR, LORA_LR
+        return LORA_LR * factor, LORA_LR * factor
     if method in ("elora", "aflora", "peft_vera"):
-        return VECTOR_LR[task], VECTOR_HEAD_LR
+        return VECTOR_LR[task] * factor, VECTOR_HEAD_LR * factor
     raise ValueError(f"unknown method {method!r}; choose from {sorted(METHOD_LABELS)}")
 
 
@@ -139,12 +152,15 @@ def grid_settings(task: str, mode: str, **override) -> dict:
     if mode == "full":
         s = dict(train_limit=None, dev_limit=None, batch_size=32, max_length=128,
                  epochs=FULL_EPOCHS[task], max_steps=None, window=10)
+    elif mode == "cpu":
+        s = dict(train_limit=None, dev_limit=None, batch_size=32, max_length=128,
+                 epochs=CPU_EPOCHS[task], max_steps=CPU_MAX_STEPS.get(task), window=10)
     elif mode == "fast":
         s = dict(train_limit=48, dev_limit=48, batch_size=8, max_length=64, epochs=2, max_steps=None,
                  window=2)
     else:
-        raise ValueError(f"mode must be 'fast' or 'full', got {mode!r}")
-    s.update(warmup_ratio=0.06, clip=1.0, weight_decay=0.0, t_init_frac=0.10, t_final_frac=0.70)
+        raise ValueError(f"mode must be 'fast', 'full' or 'cpu', got {mode!r}")
+    s.update(group_by_length=mode == "cpu", warmup_ratio=0.06, clip=1.0, weight_decay=0.0, t_init_frac=0.10, t_final_frac=0.70)
     unknown = set(override) - set(s)
     if unknown:
         raise ValueError(f"unknown settings {sorted(unknown)}; known: {sorted(s)}")
@@ -323,7 +339,13 @@ def write_records(path, records: list[dict]) -> None:
 
 
 def append_record(path, record: dict) -> None:
-    write_records(path, read_records(path) + [record])
+    """Append one record; safe with several processes appending to the same file (an flock)."""
+    import fcntl
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path.with_name(f".{path.name}.lock"), "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        write_records(path, read_records(path) + [record])
 
 
 def missing_fields(record: dict, fields=GLUE_FIELDS) -> list[str]:
@@ -334,27 +356,54 @@ def missing_fields(record: dict, fields=GLUE_FIELDS) -> list[str]:
 # The accuracy grid
 
 
-def _load_task(task, settings, seed=0):
+def _load_task(task, settings, seed=0, split="dev"):
+    """(train, eval) examples. split="dev": the GLUE dev set. split="heldout": a seeded 10% of the
+    training split is held out for evaluation and the model trains on the other 90% (the learning-rate
+    search never sees the dev set)."""
     train = helpers.load_glue(task, "train", limit=settings["train_limit"], seed=seed)
+    if split == "heldout":
+        order = np.random.default_rng(HELDOUT_SEED).permutation(len(train))
+        n_out = round(HELDOUT_FRACTION * len(train))
+        out = set(order[:n_out].tolist())
+        return [e for i, e in enumerate(train) if i not in out], [e for i, e in enumerate(train) if i in out]
+    if split != "dev":
+        raise ValueError(f"split must be 'dev' or 'heldout', got {split!r}")
     dev = helpers.load_glue(task, "dev", limit=settings["dev_limit"], seed=seed)
     return train, dev
 
 
+def code_version() -> dict:
+    """The git commit and a hash of the training code (aflora_min.py, helpers.py), for the records."""
+    import hashlib
+    import subprocess
+    h = hashlib.sha256()
+    for f in (REPO / "aflora_min.py", HERE / "helpers.py"):
+        h.update(f.read_bytes())
+    try:
+        commit = subprocess.run(["git", "-C", str(REPO), "rev-parse", "--short", "HEAD"], capture_output=True,
+                                text=True, timeout=10).stdout.strip() or None
+    except (OSError, subprocess.SubprocessError):
+        commit = None
+    return dict(commit=commit, code_sha=h.hexdigest()[:12])
+
+
 def train_one(task: str, method: str, seed: int, settings: dict, device, train_examples=None,
-              dev_examples=None, log_every=None) -> dict:
-    """One training run; returns its record (see run_glue_grid)."""
+              dev_examples=None, log_every=None, lr_factor: float = 1.0, checkpoint=None, autocast=None,
+              log=print) -> dict:
+    """One training run; returns its record (see run_glue_grid). checkpoint: a file saved after every
+    epoch; a run started again with the same file resumes after its last finished epoch."""
     task = helpers.task_name(task)
     if train_examples is None:
         train_examples, dev_examples = _load_task(task, settings)
     helpers.setup(seed)
     model, tok = build_model(method, task, device, seed=seed)
-    train_loader = helpers.make_loader(tok, train_examples, settings["batch_size"],
-                                       settings["max_length"], shuffle=True, seed=seed)
+    train_loader = helpers.make_loader(tok, train_examples, settings["batch_size"], settings["max_length"],
+                                       shuffle=True, seed=seed, group_by_length=settings.get("group_by_length", False))
     dev_loader = helpers.make_loader(tok, dev_examples, 128, settings["max_length"])
     total = settings["epochs"] * len(train_loader)
     if settings["max_steps"] is not None:
         total = min(total, settings["max_steps"])
-    lr, head_lr = learning_rates(method, task)
+    lr, head_lr = learning_rates(method, task, lr_factor)
     freezer, schedule = None, None
     start_params = adapter_trainable(model)
     if method == "aflora":
@@ -367,7 +416,8 @@ def train_one(task: str, method: str, seed: int, settings: dict, device, train_e
     hist = helpers.train(model, train_loader, dev_loader, task, epochs=settings["epochs"], lr=lr,
                          head_lr=head_lr, weight_decay=settings["weight_decay"],
                          warmup_ratio=settings["warmup_ratio"], clip=settings["clip"], freezer=freezer,
-                         device=device, max_steps=settings["max_steps"], log_every=log_every)
+                         device=device, max_steps=settings["max_steps"], log_every=log_every,
+                         autocast=autocast, checkpoint=checkpoint, log=log)
     counts = [c for _, c in hist["trainable"]]
     if freezer is not None:
         avg = freezer.time_averaged_trainable()
@@ -376,13 +426,15 @@ def train_one(task: str, method: str, seed: int, settings: dict, device, train_e
         avg = float(statistics.mean(counts)) if counts else float(start_params)
     rec = dict(task=task, method=method, seed=seed, metric=helpers.TASKS[task]["metric"],
                best=hist["best"], last=hist["last"], trainable_params_avg=avg, wall_s=hist["wall_s"],
-               **device_info(device))
-    rec.update(trainable_params_start=start_params, trainable_params_end=counts[-1] if counts else None,
-               steps=hist["steps"], step_ms=hist["step_ms"], lr=lr, head_lr=head_lr,
+               cpu_s=hist["cpu_s"], **device_info(device))
+    rec.update(dtype="bf16 autocast" if autocast else "fp32", trainable_params_start=start_params,
+               trainable_params_end=counts[-1] if counts else None, resumed_from_epoch=hist["resumed_from"],
+               steps=hist["steps"], step_ms=hist["step_ms"], lr=lr, head_lr=head_lr, lr_factor=lr_factor,
                dev_history=[d["metric"] for d in hist["dev"]], dev_final=hist["dev"][-1] if hist["dev"] else None,
                train_size=len(train_examples), dev_size=len(dev_examples), weights=weights_label(),
                **{k: settings[k] for k in ("batch_size", "max_length", "epochs", "max_steps",
-                                            "warmup_ratio", "clip", "weight_decay")})
+                                            "warmup_ratio", "clip", "weight_decay")},
+               group_by_length=settings.get("group_by_length", False), **code_version())
     if freezer is not None:
         rec["frozen_at"] = dict(freezer.frozen_at)
         rec["freezer"] = schedule
@@ -446,6 +498,213 @@ def run_glue_grid(tasks=TASKS, methods=METHODS, seeds=(0, 1, 2), mode="full", ou
     return written
 
 
+# ------------------------------------------------------------------------------------------------
+# The CPU grid: a learning-rate search on held-out data, then 5 tasks x 3 methods x 3 seeds, run by
+# several 1-thread worker processes, resumable at every epoch.
+
+GLUE_CPU = RESULTS / "glue_cpu.json"
+LR_SEARCH_CPU = RESULTS / "lr_search_cpu.json"
+PLAN_CPU = RESULTS / "grid_plan_cpu.json"
+WORK = RESULTS / "work"                      # git-ignored: per-epoch checkpoints and per-run logs
+
+
+def set_results_dir(path) -> None:
+    """Write the CPU grid's files under another folder (tests and smoke runs)."""
+    global GLUE_CPU, LR_SEARCH_CPU, WORK
+    path = Path(path)
+    GLUE_CPU, LR_SEARCH_CPU, WORK = path / "glue_cpu.json", path / "lr_search_cpu.json", path / "work"
+
+
+def cpu_jobs(seeds=(0, 1, 2), methods=METHODS, tasks=TASKS) -> list[dict]:
+    """Every run of the CPU protocol, in the order they start: the learning-rate search (seed 0, each
+    factor of LR_FACTORS, trained on 90% of the training split, scored on the other 10%), then the
+    grid seed by seed (so a grid cut short still has whole seeds)."""
+    jobs = [dict(kind="lr_search", task=t, method=m, seed=0, lr_factor=f, split="heldout")
+            for m in methods for t in LR_SEARCH_TASKS for f in LR_FACTORS]
+    jobs += [dict(kind="grid", task=t, method=m, seed=s, lr_factor=None, split="dev")
+             for s in seeds for t in tasks for m in methods]
+    return jobs
+
+
+def _job_name(job) -> str:
+    f = "" if job["lr_factor"] is None else f"_lr{job['lr_factor']:.4g}"
+    return f"{job['kind']}_{job['task']}_{job['method']}_s{job['seed']}{f}"
+
+
+def _job_out(job) -> Path:
+    return LR_SEARCH_CPU if job["kind"] == "lr_search" else GLUE_CPU
+
+
+def _job_done(job, records) -> bool:
+    for r in records:
+        if (r["task"], r["method"], r["seed"], r.get("mode")) == (job["task"], job["method"], job["seed"], "cpu"):
+            if job["lr_factor"] is None or math.isclose(r["lr_factor"], job["lr_factor"]):
+                return True
+    return False
+
+
+def choose_lr_factors(records, methods=METHODS) -> dict:
+    """{method: factor}: per method, the factor of LR_FACTORS with the highest mean held-out score
+    (best epoch) over LR_SEARCH_TASKS; a method whose search is incomplete is left out. Ties go to
+    the factor closest to 1. Never looks at a dev set."""
+    chosen = {}
+    for m in methods:
+        means = {}
+        for f in LR_FACTORS:
+            v = [r["best"] for r in records if r["method"] == m and math.isclose(r["lr_factor"], f)
+                 and r["task"] in LR_SEARCH_TASKS]
+            if len(v) == len(LR_SEARCH_TASKS):
+                means[f] = statistics.mean(v)
+        if len(means) == len(LR_FACTORS):
+            chosen[m] = max(means, key=lambda f: (round(means[f], 6), -abs(math.log(f))))
+    return chosen
+
+
+def lr_search_table(records) -> str:
+    """The search's table: held-out score per method, factor and task, the mean, and the choice."""
+    chosen = choose_lr_factors(records)
+    lines = [f"{'method':8s} {'factor':>7s} {'adapter lr':>11s} {'head lr':>8s} " +
+             "".join(f"{t:>9s}" for t in LR_SEARCH_TASKS) + f"{'mean':>9s}  chosen"]
+    for m in METHODS:
+        for f in LR_FACTORS:
+            rs = {r["task"]: r for r in records if r["method"] == m and math.isclose(r["lr_factor"], f)}
+            if not rs:
+                continue
+            lr, head = learning_rates(m, LR_SEARCH_TASKS[0], f)
+            vals = [rs[t]["best"] if t in rs else None for t in LR_SEARCH_TASKS]
+            mean = statistics.mean(vals) if None not in vals else None
+            lines.append(f"{m:8s} {f:7.3g} {lr:11.2e} {head:8.1e} " +
+                         "".join(f"{'-' if v is None else f'{v:.4f}':>9s}" for v in vals) +
+                         f"{'-' if mean is None else f'{mean:.4f}':>9s}  {'<-' if chosen.get(m) == f else ''}")
+    return "\n".join(lines)
+
+
+def run_job(job, device="cpu", log=print, **override) -> dict:
+    """Run one job of cpu_jobs() in this process (resuming from its checkpoint) and append its record.
+    `override`: grid_settings overrides, for smoke tests only (recorded in the record)."""
+    task = helpers.task_name(job["task"])
+    settings = grid_settings(task, "cpu", **override)
+    factor = job["lr_factor"]
+    if factor is None:
+        factors = choose_lr_factors(read_records(LR_SEARCH_CPU))
+        if job["method"] not in factors:
+            raise RuntimeError(f"the learning-rate search for {job['method']} is not finished "
+                               f"({LR_SEARCH_CPU}); run the search first")
+        factor = factors[job["method"]]
+    train_ex, dev_ex = _load_task(task, settings, split=job["split"])
+    WORK.mkdir(parents=True, exist_ok=True)
+    ckpt = WORK / f"{_job_name(job)}.pt"
+    rec = train_one(task, job["method"], job["seed"], settings, torch.device(device), train_ex, dev_ex,
+                    lr_factor=factor, checkpoint=ckpt, log=log)
+    rec.update(mode="cpu", kind=job["kind"], split=job["split"], smoke_overrides=override or None)
+    append_record(_job_out(job), rec)
+    ckpt.unlink(missing_ok=True)
+    return rec
+
+
+def _estimate_s(job, plan) -> float | None:
+    """Seconds one job should take from the plan's measured step times (2 threads), or None."""
+    p = next((r for r in plan if r["task"] == job["task"] and r["method"] == job["method"]
+              and r["autocast"] == "fp32"), None)
+    if p is None:
+        return None
+    epochs = CPU_EPOCHS[job["task"]]
+    steps = p["steps"] / p["epochs"] * epochs
+    if job["task"] in CPU_MAX_STEPS:
+        steps = min(steps, CPU_MAX_STEPS[job["task"]])
+    frac = 0.9 if job["split"] == "heldout" else 1.0
+    return frac * steps * p["step_ms"] / 1000 + epochs * p["eval_s"]
+
+
+def run_cpu_grid(workers=2, seeds=(0, 1, 2), methods=METHODS, tasks=TASKS, poll_s=10.0, report_s=300.0,
+                 nice=5, log=print, results_dir=None, override=None) -> bool:
+    """Run every job of cpu_jobs() not yet in the results files, `workers` at a time, each a 1-thread
+    process (`benchmark.py run-one`), logs and checkpoints in results/work/. A grid job waits until
+    its method's learning-rate search is finished. Prints a progress line with an ETA every
+    `report_s` seconds. Safe to stop at any moment and start again: finished runs are in the
+    results files, unfinished ones resume after their last finished epoch. Returns True when all
+    jobs are done."""
+    import subprocess
+    if results_dir is not None:
+        set_results_dir(results_dir)
+    jobs = cpu_jobs(seeds, methods, tasks)
+    plan = read_records(PLAN_CPU)
+    WORK.mkdir(parents=True, exist_ok=True)
+    env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+    running, failed, start, last_report = {}, set(), time.time(), 0.0
+    ratios = []                                  # measured wall / planned estimate of finished jobs
+
+    def records():
+        return read_records(LR_SEARCH_CPU) + read_records(GLUE_CPU)
+
+    def ready(job):
+        if job["kind"] == "grid":
+            return job["method"] in choose_lr_factors(read_records(LR_SEARCH_CPU), methods)
+        return True
+
+    log(f"cpu grid: {len(jobs)} jobs ({sum(j['kind'] == 'lr_search' for j in jobs)} learning-rate search, "
+        f"{sum(j['kind'] == 'grid' for j in jobs)} grid), {workers} workers x 1 thread; logs in {WORK}")
+    while True:
+        recs = records()
+        for proc, (job, t0, fh) in list(running.items()):
+            if proc.poll() is None:
+                continue
+            fh.close()
+            del running[proc]
+            name = _job_name(job)
+            if proc.returncode != 0 or not _job_done(job, read_records(_job_out(job))):
+                failed.add(name)
+                log(f"FAILED {name} (exit {proc.returncode}); see {WORK / (name + '.log')}")
+            else:
+                rec = next(r for r in read_records(_job_out(job))[::-1] if _job_done(job, [r]))
+                est = _estimate_s(job, plan)
+                if est and not rec.get("resumed_from_epoch"):
+                    ratios.append(rec["wall_s"] / est)
+                log(f"done {name}: best {rec['metric']} {rec['best']:.4f}, last {rec['last']:.4f}, "
+                    f"{rec['steps']} steps, wall {rec['wall_s'] / 60:.1f} min")
+        recs = records()
+        active = {_job_name(j) for j, _, _ in running.values()}
+        todo = [j for j in jobs if not _job_done(j, recs) and _job_name(j) not in failed]
+        waiting = [j for j in todo if _job_name(j) not in active]
+        for job in waiting:
+            if len(running) >= workers:
+                break
+            if not ready(job):
+                continue
+            name = _job_name(job)
+            cmd = [sys.executable, str(HERE / "benchmark.py"), "run-one", "--kind", job["kind"], "--task",
+                   job["task"], "--method", job["method"], "--seed", str(job["seed"]), "--split", job["split"]]
+            if job["lr_factor"] is not None:
+                cmd += ["--lr-factor", repr(job["lr_factor"])]
+            cmd += ["--results-dir", str(GLUE_CPU.parent)]
+            if override:
+                cmd += ["--override", json.dumps(override)]
+            fh = open(WORK / f"{name}.log", "a")
+            proc = subprocess.Popen((["nice", "-n", str(nice)] if nice else []) + cmd, stdout=fh,
+                                    stderr=subprocess.STDOUT, env=env, cwd=str(REPO))
+            running[proc] = (job, time.time(), fh)
+            log(f"start {name}")
+        if not running:
+            if todo:
+                log(f"stopped: {len(todo)} jobs left, none can start ({len(failed)} failed)")
+            else:
+                log("cpu grid complete")
+            return not todo
+        now = time.time()
+        if now - last_report >= report_s:
+            last_report = now
+            c = statistics.median(ratios) if ratios else 1.0
+            ests = [(_estimate_s(j, plan) or 0) * c for j in todo]
+            for job, t0, _ in running.values():       # subtract what the running jobs have done
+                ests.append(-min(now - t0, (_estimate_s(job, plan) or 0) * c))
+            eta = max(0.0, sum(ests)) / workers
+            n_done = len(jobs) - len(todo)
+            log(f"[{time.strftime('%H:%M')}] {n_done}/{len(jobs)} jobs done, running: "
+                f"{', '.join(sorted(active)) or '-'}; elapsed {(now - start) / 3600:.2f} h, "
+                f"ETA {eta / 3600:.1f} h (plan x {c:.2f})")
+        time.sleep(poll_s)
+
+
 @contextlib.contextmanager
 def _quiet_stdout(quiet: bool):
     if not quiet:
@@ -453,6 +712,67 @@ def _quiet_stdout(quiet: bool):
         return
     with open(os.devnull, "w") as null, contextlib.redirect_stdout(null):
         yield
+
+
+# ------------------------------------------------------------------------------------------------
+# Planning the grid: what would it cost on this machine?
+
+
+def run_plan(tasks=TASKS, methods=METHODS, epochs=None, autocasts=(None, "bf16"), n_batches=6,
+             out_path=None, device="cpu", log=print) -> list[dict]:
+    """Estimate each (task, method, dtype) run's time before any run: build the grid's length-grouped
+    loader (batch 32, length 128) over the whole training set, time one training step (forward,
+    backward, clip, AdamW) on `n_batches` batches at evenly spaced quantiles of their padded size,
+    and one dev evaluation; estimate = mean step x steps + evaluation x epochs. Methods and dtypes
+    are interleaved per batch. Records: task, method, autocast, step_ms (mean over the sampled
+    batches), eval_s, steps, est_s, threads."""
+    device = torch.device(device)
+    records = []
+    for task in tasks:
+        task = helpers.task_name(task)
+        n_ep = (epochs or FULL_EPOCHS)[task]
+        settings = grid_settings(task, "full")
+        train_ex, dev_ex = _load_task(task, settings)
+        models = {}
+        for m in methods:
+            model, tok = build_model(m, task, device, seed=0)
+            params = [p for p in model.parameters() if p.requires_grad]
+            models[m] = (model, torch.optim.AdamW(params, lr=1e-5))
+        loader = helpers.make_loader(tok, train_ex, 32, 128, group_by_length=True, seed=0)
+        batches = sorted(loader, key=lambda b: b["attention_mask"].numel())
+        picks = [batches[round(q * (len(batches) - 1) / max(1, n_batches - 1))] for q in range(n_batches)]
+        dev_loader = helpers.make_loader(tok, dev_ex, 128, 128)
+        times = {(m, a): [] for m in methods for a in autocasts}
+        for i, batch in enumerate([picks[-1]] + picks):          # the first (largest) one warms up
+            for m in methods:
+                model, opt = models[m]
+                for a in autocasts:
+                    amp = torch.autocast(device.type, dtype=torch.bfloat16) if a else contextlib.nullcontext()
+                    t0 = time.perf_counter()
+                    with amp:
+                        loss = model(**batch).loss
+                    loss.backward()
+                    torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.grad is not None], 1.0)
+                    opt.step()
+                    opt.zero_grad(set_to_none=True)
+                    if i:
+                        times[(m, a)].append(time.perf_counter() - t0)
+        for m in methods:
+            t0 = time.perf_counter()
+            helpers.evaluate(models[m][0], dev_loader, task, device)
+            eval_s = time.perf_counter() - t0
+            for a in autocasts:
+                step_s = statistics.mean(times[(m, a)])
+                rec = dict(task=task, method=m, autocast=a or "fp32", epochs=n_ep, steps=n_ep * len(loader),
+                           step_ms=1000 * step_s, eval_s=eval_s, est_s=step_s * n_ep * len(loader) + eval_s * n_ep,
+                           sampled_padded_tokens=[int(b["attention_mask"].numel()) for b in picks],
+                           **device_info(device))
+                records.append(rec)
+                log(f"{task:6s} {m:7s} {rec['autocast']:5s} step {rec['step_ms']:7.1f} ms  eval {eval_s:5.1f} s  "
+                    f"x {rec['steps']} steps -> {rec['est_s'] / 60:6.1f} min")
+    if out_path is not None:
+        write_records(out_path, records)
+    return records
 
 
 # ------------------------------------------------------------------------------------------------
@@ -930,6 +1250,27 @@ def _main(argv=None):
             q.add_argument("--no-resume", action="store_true")
             for k in ("train_limit", "dev_limit", "batch_size", "max_length", "epochs", "max_steps"):
                 q.add_argument("--" + k.replace("_", "-"), type=int, default=None, dest=k)
+    q = sub.add_parser("cpu-grid", help="the learning-rate search, then the CPU grid (resumable)")
+    q.add_argument("--workers", type=int, default=2)
+    q.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
+    q.add_argument("--report-minutes", type=float, default=5.0)
+    q = sub.add_parser("run-one", help="one job of the CPU grid (cpu-grid starts these)")
+    q.add_argument("--kind", choices=("lr_search", "grid"), required=True)
+    q.add_argument("--task", required=True)
+    q.add_argument("--method", required=True)
+    q.add_argument("--seed", type=int, required=True)
+    q.add_argument("--split", choices=("dev", "heldout"), required=True)
+    q.add_argument("--lr-factor", type=float, default=None)
+    q.add_argument("--threads", type=int, default=1)
+    q.add_argument("--results-dir", default=str(RESULTS))
+    q.add_argument("--override", default=None, help="JSON of grid_settings overrides (smoke tests only)")
+    q = sub.add_parser("lr-table", help="the learning-rate search's table and choice")
+    q = sub.add_parser("plan")
+    q.add_argument("--out", required=True)
+    q.add_argument("--tasks", nargs="+", default=list(TASKS))
+    q.add_argument("--methods", nargs="+", default=list(METHODS))
+    q.add_argument("--threads", type=int, default=None)
+    q.add_argument("--batches", type=int, default=6)
     q = sub.add_parser("save-fp16")
     q.add_argument("--out", required=True)
     q = sub.add_parser("targets")
@@ -953,9 +1294,33 @@ def _main(argv=None):
                                      read_records(speed_path) if speed_path else None,
                                      glue_path.name if glue_path else "", speed_path.name if speed_path else "")))
         return
-    set_weights(a.weights)
+    if a.cmd == "lr-table":
+        print(lr_search_table(read_records(LR_SEARCH_CPU)))
+        print("chosen factors:", choose_lr_factors(read_records(LR_SEARCH_CPU)))
+        return
+    if a.cmd == "cpu-grid":
+        ok = run_cpu_grid(workers=a.workers, seeds=tuple(a.seeds), report_s=60 * a.report_minutes,
+                          log=lambda s: print(s, flush=True))
+        sys.exit(0 if ok else 1)
+    set_weights(getattr(a, "weights", None))
     set_threads(a.threads)
     helpers.setup(0)
+    if a.cmd == "run-one":
+        job = dict(kind=a.kind, task=helpers.task_name(a.task), method=a.method, seed=a.seed,
+                   lr_factor=a.lr_factor, split=a.split)
+        set_results_dir(a.results_dir)
+        print(f"{_job_name(job)}: start {time.strftime('%Y-%m-%d %H:%M:%S')}", flush=True)
+        rec = run_job(job, log=lambda s: print(s, flush=True), **json.loads(a.override or "{}"))
+        print(f"{_job_name(job)}: best {rec['best']:.4f} last {rec['last']:.4f} wall {rec['wall_s']:.0f} s "
+              f"cpu {rec['cpu_s']:.0f} s", flush=True)
+        return
+    if a.cmd == "plan":
+        recs = run_plan(a.tasks, a.methods, n_batches=a.batches, out_path=a.out)
+        for ac in ("fp32", "bf16"):
+            for m in a.methods:
+                tot = sum(r["est_s"] for r in recs if r["method"] == m and r["autocast"] == ac)
+                print(f"{ac} {m:7s} one seed, all tasks: {tot / 3600:.2f} h at {torch.get_num_threads()} threads")
+        return
     if a.cmd == "speed":
         run_speed(a.out, batch=a.batch, length=a.length, warmup=a.warmup, rounds=a.rounds,
                   steps_per_round=a.steps_per_round, device=a.device, names=a.only)

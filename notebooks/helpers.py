@@ -10,7 +10,7 @@ Environment variables:
 """
 from __future__ import annotations
 
-import csv, io, os, random, shutil, statistics, tempfile, time, urllib.request, zipfile
+import contextlib, csv, io, math, os, random, shutil, statistics, tempfile, time, urllib.request, zipfile
 from collections import Counter
 from pathlib import Path
 
@@ -242,8 +242,58 @@ def load_model(task: str, device=None):
     return model.float().to(device or "cpu"), tokenizer
 
 
-def make_loader(tokenizer, examples, batch_size, max_length=128, shuffle=False, seed=0):
-    """DataLoader of dicts of tensors. Tokenized once here; each batch is padded to its longest row."""
+class LengthGroupedSampler:
+    """Batches of similar length, seeded: each epoch shuffles the examples, cuts them into chunks of
+    `chunk` batches, sorts each chunk by length, cuts it into batches and shuffles all the batches.
+    Padding falls to about the real token count while every batch stays a random draw from its chunk.
+    The order depends only on (seed, epoch): `epoch` counts the passes made so far (set it to resume)."""
+
+    def __init__(self, lengths, batch_size: int, seed: int = 0, chunk: int = 50):
+        if batch_size < 1 or chunk < 1:
+            raise ValueError(f"batch_size and chunk must be >= 1, got {batch_size}, {chunk}")
+        self.lengths, self.batch_size, self.seed, self.chunk = list(lengths), batch_size, seed, chunk
+        self.epoch = 0
+
+    def __len__(self) -> int:
+        return math.ceil(len(self.lengths) / self.batch_size)
+
+    def __iter__(self):
+        rng = np.random.default_rng([self.seed, self.epoch])
+        self.epoch += 1
+        order = rng.permutation(len(self.lengths))
+        size = self.batch_size * self.chunk
+        batches = []
+        for c in range(0, len(order), size):
+            part = sorted(order[c:c + size], key=lambda i: self.lengths[i])
+            batches += [part[b:b + self.batch_size] for b in range(0, len(part), self.batch_size)]
+        for i in rng.permutation(len(batches)):
+            yield [int(j) for j in batches[i]]
+
+
+class EpochSampler(torch.utils.data.Sampler):
+    """A random permutation per epoch that depends only on (seed, epoch), so a run resumed at an
+    epoch boundary sees the same order as an uninterrupted one."""
+
+    def __init__(self, n: int, seed: int = 0):
+        self.n, self.seed, self.epoch = n, seed, 0
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __iter__(self):
+        rng = np.random.default_rng([self.seed, self.epoch])
+        self.epoch += 1
+        return iter(rng.permutation(self.n).tolist())
+
+
+def make_loader(tokenizer, examples, batch_size, max_length=128, shuffle=False, seed=0,
+                group_by_length=False, chunk=50):
+    """DataLoader of dicts of tensors. Tokenized once here; each batch is padded to its longest row.
+
+    shuffle: a new seeded order every epoch. group_by_length (implies shuffle): batches of similar
+    length (LengthGroupedSampler, `chunk` batches per chunk), far less padding on short-text tasks.
+    Both orders depend only on (seed, epoch) and can be resumed: `loader.batch_sampler.epoch` or
+    `loader.sampler.epoch` counts the epochs done."""
     a = [e["text_a"] for e in examples]
     b = [e["text_b"] for e in examples] if examples and examples[0]["text_b"] is not None else None
     enc = tokenizer(a, b, truncation=True, max_length=max_length)
@@ -260,9 +310,21 @@ def make_loader(tokenizer, examples, batch_size, max_length=128, shuffle=False, 
                                      dtype=torch.float32 if regression else torch.long)
         return out
 
-    gen = torch.Generator().manual_seed(seed)
-    return torch.utils.data.DataLoader(items, batch_size=batch_size, shuffle=shuffle,
-                                       collate_fn=collate, generator=gen)
+    if group_by_length:
+        sampler = LengthGroupedSampler([len(x["input_ids"]) for x in items], batch_size, seed, chunk)
+        return torch.utils.data.DataLoader(items, batch_sampler=sampler, collate_fn=collate)
+    return torch.utils.data.DataLoader(items, batch_size=batch_size, collate_fn=collate,
+                                       sampler=EpochSampler(len(items), seed) if shuffle else None)
+
+
+def padded_tokens(loader, epochs: int = 1) -> tuple[int, int]:
+    """(real, padded) token counts of `epochs` passes over a loader (advances its epoch counter)."""
+    real = padded = 0
+    for _ in range(epochs):
+        for batch in loader:
+            real += int(batch["attention_mask"].sum())
+            padded += batch["attention_mask"].numel()
+    return real, padded
 
 
 # ---------------------------------------------------------------- metrics (numpy only)
@@ -357,16 +419,33 @@ def _adapter_trainable(params) -> int:
     return sum(p.numel() for p in params if p.requires_grad)
 
 
+def _epoch_counter(loader):
+    """The object whose `epoch` attribute orders the loader's passes (see make_loader), or None."""
+    for obj in (loader.batch_sampler, loader.sampler):
+        if hasattr(obj, "epoch"):
+            return obj
+    return None
+
+
 def train(model, train_loader, dev_loader, task, epochs, lr, head_lr=None, weight_decay=0.0,
-          warmup_ratio=0.06, clip=1.0, freezer=None, device=None, log_every=None, max_steps=None):
+          warmup_ratio=0.06, clip=1.0, freezer=None, device=None, log_every=None, max_steps=None,
+          autocast=None, checkpoint=None, log=print):
     """AdamW + linear warm-up/decay over the trainable parameters; dev evaluation after each epoch.
 
     Two parameter groups: names containing "classifier" at head_lr (default lr), all other trainable
     parameters (the adapters) at lr. `freezer.step()` runs after backward, before clipping and the
     optimizer step. max_steps caps the total number of steps (the last epoch may stop early).
+    autocast="bf16": forward and loss under torch.autocast(bfloat16); parameters, gradients, AdamW
+    state and the freezer stay fp32; evaluation stays fp32.
+    checkpoint=path: after every epoch save everything an exact resume needs there (aflora_min's
+    save_checkpoint); if the file exists when train() starts, training continues after its epoch.
     Returns a history dict: loss (per step), dev (per-epoch metric dicts), best / last (main metric),
-    wall_s, steps, trainable ((step, trainable non-classifier parameters) per step), step_ms (median).
+    wall_s, cpu_s (this process's CPU time), steps, trainable ((step, trainable non-classifier
+    parameters) per step), step_ms (median), resumed_from (epoch, or 0).
     """
+    import aflora_min as am
+    if autocast not in (None, "bf16"):
+        raise ValueError(f"autocast must be None or 'bf16', got {autocast!r}")
     device = device or next(model.parameters()).device
     task = task_name(task)
     named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
@@ -380,17 +459,31 @@ def train(model, train_loader, dev_loader, task, epochs, lr, head_lr=None, weigh
     warmup = int(warmup_ratio * total)
     schedule = lambda s: s / max(1, warmup) if s < warmup else max(0.0, (total - s) / max(1, total - warmup))
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
-    hist = dict(loss=[], dev=[], trainable=[], best=None, last=None, steps=0)
-    times, start, step = [], time.perf_counter(), 0
+    hist = dict(loss=[], dev=[], trainable=[], best=None, last=None, steps=0, resumed_from=0)
+    times, step, first_epoch, prior_wall, prior_cpu = [], 0, 1, 0.0, 0.0
+    counter = _epoch_counter(train_loader)
+    if checkpoint is not None and os.path.exists(checkpoint):
+        extra = am.load_checkpoint(checkpoint, model, optimizer, scheduler, freezer)
+        hist.update(extra["hist"])
+        step, first_epoch = int(extra["step"]), int(extra["epoch"]) + 1
+        prior_wall, prior_cpu, times = float(extra["wall_s"]), float(extra["cpu_s"]), list(extra["times"])
+        hist["resumed_from"] = int(extra["epoch"])
+        if counter is not None:
+            counter.epoch = int(extra["epoch"])
+        log(f"resumed from {checkpoint} after epoch {extra['epoch']} (step {step})")
+    start, cpu0 = time.perf_counter(), time.process_time()
     model.to(device).train()
     metric = TASKS[task]["metric"]
-    for epoch in range(1, epochs + 1):
+    amp = (torch.autocast(device.type if isinstance(device, torch.device) else str(device), dtype=torch.bfloat16)
+           if autocast else contextlib.nullcontext())
+    for epoch in range(first_epoch, epochs + 1):
         epoch_losses = []
         for batch in train_loader:
             if step >= total:
                 break
             t0 = time.perf_counter()
-            loss = model(**_to(batch, device)).loss
+            with amp:
+                loss = model(**_to(batch, device)).loss
             loss.backward()
             if freezer is not None:
                 freezer.step()
@@ -404,20 +497,26 @@ def train(model, train_loader, dev_loader, task, epochs, lr, head_lr=None, weigh
             times.append(time.perf_counter() - t0)
             hist["trainable"].append((step, _adapter_trainable(body)))
             if log_every and step % log_every == 0:
-                print(f"  step {step}  loss {np.mean(epoch_losses[-log_every:]):.3f}  "
-                      f"lr {scheduler.get_last_lr()[0]:.2e}", flush=True)
+                log(f"  step {step}  loss {np.mean(epoch_losses[-log_every:]):.3f}  "
+                    f"lr {scheduler.get_last_lr()[0]:.2e}")
         hist["loss"] += epoch_losses
         if not epoch_losses:
             break
         dev = evaluate(model, dev_loader, task, device)
         hist["dev"].append(dev)
-        print(f"epoch {epoch}/{epochs}  step {step}  loss {np.mean(epoch_losses):.3f}  "
-              f"dev {metric} {dev['metric']:.3f}  ({time.perf_counter() - start:.1f} s)", flush=True)
+        wall = prior_wall + time.perf_counter() - start
+        if checkpoint is not None:
+            am.save_checkpoint(checkpoint, model, optimizer, scheduler, freezer, epoch=epoch, step=step,
+                               wall_s=wall, cpu_s=prior_cpu + time.process_time() - cpu0, times=times,
+                               hist={k: hist[k] for k in ("loss", "dev", "trainable")})
+        log(f"epoch {epoch}/{epochs}  step {step}  loss {np.mean(epoch_losses):.3f}  "
+            f"dev {metric} {dev['metric']:.3f}  ({wall:.1f} s)")
         if step >= total:
             break
     scores = [d["metric"] for d in hist["dev"]]
     hist.update(best=max(scores) if scores else None, last=scores[-1] if scores else None,
-                steps=step, wall_s=time.perf_counter() - start,
+                steps=step, wall_s=prior_wall + time.perf_counter() - start,
+                cpu_s=prior_cpu + time.process_time() - cpu0,
                 step_ms=1000 * statistics.median(times) if times else None)
     return hist
 

@@ -174,3 +174,90 @@ def test_speed_reports_a_peft_config_it_cannot_build(tmp_path, monkeypatch):
     rows = {r["target"]: r["status"] for r in bm.targets(None, recs)}
     assert rows["our LoRA r=8 step <= PEFT LoRA r=8"] == "not measured yet"
     assert "not measured" in bm.format_speed(recs)
+
+
+# ---------------------------------------------------------------------------------------------
+# The CPU grid: learning-rate search on held-out data, then the grid, several resumable workers
+
+def test_cpu_protocol_and_job_order():
+    s = bm.grid_settings("SST-2", "cpu")
+    assert (s["epochs"], s["max_steps"], s["group_by_length"], s["batch_size"]) == (1, 625, True, 32)
+    assert [bm.grid_settings(t, "cpu")["epochs"] for t in bm.TASKS] == [5, 1, 5, 5, 3]
+    jobs = bm.cpu_jobs()
+    search = [j for j in jobs if j["kind"] == "lr_search"]
+    grid = [j for j in jobs if j["kind"] == "grid"]
+    assert len(search) == 3 * 2 * 3 and len(grid) == 45 and jobs[:len(search)] == search
+    assert all(j["split"] == "heldout" and j["task"] in bm.LR_SEARCH_TASKS for j in search)
+    assert [j["seed"] for j in grid] == sorted(j["seed"] for j in grid)      # whole seeds first
+    assert len({bm._job_name(j) for j in jobs}) == len(jobs)
+
+
+def test_heldout_split_is_disjoint_and_never_the_dev_set():
+    s = bm.grid_settings("RTE", "cpu")
+    train, held = bm._load_task("RTE", s, split="heldout")
+    full, dev = bm._load_task("RTE", s)
+    assert len(train) + len(held) == len(full) and len(held) == round(0.1 * len(full))
+    key = lambda e: (e["text_a"], e["text_b"])
+    assert not {key(e) for e in train} & {key(e) for e in held}
+    assert {key(e) for e in held} <= {key(e) for e in full}
+    assert bm._load_task("RTE", s, split="heldout")[1] == held               # fixed seed
+
+
+def test_lr_choice_uses_the_mean_heldout_score_and_only_complete_searches():
+    recs = [dict(task=t, method=m, lr_factor=f, best=b, seed=0, mode="cpu")
+            for m, scores in (("lora", {1 / 3: (0.8, 0.7), 1.0: (0.85, 0.8), 3.0: (0.9, 0.5)}),
+                              ("elora", {1 / 3: (0.8, 0.8), 1.0: (0.8, 0.8), 3.0: (0.9, 0.9)}))
+            for f, bs in scores.items() for t, b in zip(bm.LR_SEARCH_TASKS, bs)]
+    recs += [dict(task="SST-2", method="aflora", lr_factor=1.0, best=0.9, seed=0, mode="cpu")]
+    assert bm.choose_lr_factors(recs) == {"lora": 1.0, "elora": 3.0}
+    tie = [dict(r, best=0.5) for r in recs if r["method"] == "lora"]
+    assert bm.choose_lr_factors(tie) == {"lora": 1.0}                        # ties: closest to 1
+    table = bm.lr_search_table(recs)
+    assert "0.8250" in table and table.count("<-") == 2
+
+
+def test_cpu_grid_runs_resumes_and_never_reruns(tmp_path):
+    """Two 1-thread workers on a tiny slice: the search, then the grid job, which waits for it."""
+    override = dict(train_limit=40, dev_limit=16, epochs=2, max_steps=None, batch_size=8, max_length=32)
+    lines = []
+    ok = bm.run_cpu_grid(workers=2, seeds=(0,), methods=("lora",), tasks=("RTE",), poll_s=0.5,
+                         report_s=0, nice=0, results_dir=tmp_path, override=override, log=lines.append)
+    assert ok and lines[-1] == "cpu grid complete", "\n".join(lines)
+    search, grid = bm.read_records(tmp_path / "lr_search_cpu.json"), bm.read_records(tmp_path / "glue_cpu.json")
+    assert len(search) == 6 and len(grid) == 1
+    assert grid[0]["lr_factor"] == bm.choose_lr_factors(search)["lora"]
+    assert all(r["threads"] == 1 and r["split"] == "heldout" and r["dev_size"] == 4 for r in search)
+    for key in ("task", "method", "seed", "lr", "head_lr", "best", "last", "dev_history",
+                "trainable_params_avg", "steps", "wall_s", "cpu_s", "device", "threads", "dtype", "torch", "command"):
+        assert key in grid[0], key
+    assert not list((tmp_path / "work").glob("*.pt"))                         # checkpoints removed
+    before = (tmp_path / "glue_cpu.json").read_text()
+    assert bm.run_cpu_grid(workers=2, seeds=(0,), methods=("lora",), tasks=("RTE",), poll_s=0.5, nice=0,
+                           results_dir=tmp_path, override=override, log=lines.append)
+    assert (tmp_path / "glue_cpu.json").read_text() == before                # nothing rerun
+
+
+@pytest.mark.parametrize("method", ["aflora", "elora"])
+def test_a_job_stopped_after_an_epoch_resumes_to_the_same_record(tmp_path, method):
+    override = dict(train_limit=48, dev_limit=16, epochs=3, max_steps=None, batch_size=8, max_length=32)
+    job = dict(kind="lr_search", task="RTE", method=method, seed=0, lr_factor=1.0, split="heldout")
+    bm.set_results_dir(tmp_path / "a")
+    try:
+        whole = bm.run_job(job, log=lambda s: None, **override)
+
+        class Stop(Exception):
+            pass
+
+        def stop_after_epoch_2(line):
+            if line.startswith("epoch 2/3"):
+                raise Stop
+        bm.set_results_dir(tmp_path / "b")
+        with pytest.raises(Stop):
+            bm.run_job(job, log=stop_after_epoch_2, **override)
+        assert not bm.read_records(bm.LR_SEARCH_CPU) and list(bm.WORK.glob("*.pt"))
+        resumed = bm.run_job(job, log=lambda s: None, **override)
+    finally:
+        bm.set_results_dir(bm.RESULTS)
+    assert resumed["resumed_from_epoch"] == 2 and whole["resumed_from_epoch"] == 0
+    for key in ("best", "last", "dev_history", "steps", "trainable_params_avg", "frozen_at", "dev_final"):
+        assert resumed.get(key) == whole.get(key), key

@@ -172,6 +172,29 @@ def test_elora_projections_regenerate_from_seed_and_agree_across_devices():
         am.load_adapter_state_dict(c, state)
 
 
+def test_projection_seeds_never_collide_across_run_seeds_and_layers():
+    """seed + i would give run s+1's layer i the projections of run s's layer i+1; the hashed
+    per-layer seed gives every (run seed, layer) pair its own A and B."""
+    names = [f"bert.encoder.layer.{i}.{t}" for i in range(12) for t in BERT_TARGETS]
+    seeds = {am.layer_seed(s, n) for s in range(50) for n in names}
+    assert len(seeds) == 50 * len(names)
+    assert am.layer_seed(3, names[0]) == am.layer_seed(3, names[0])           # deterministic
+    runs = [am.add_adapters(tiny_bert(), "elora", BERT_TARGETS, r=8, seed=s) for s in (0, 1)]
+    A = [[layer.lora_A for _, layer in am.adapter_layers(m)] for m in runs]
+    assert len(A[0]) == 12
+    for a in A[0]:
+        assert not any(a.shape == b.shape and torch.equal(a, b) for b in A[1])
+    for name, layer in am.adapter_layers(runs[0]):
+        assert layer.seed == am.layer_seed(0, name)
+
+
+def test_adapter_file_from_other_projection_seeds_is_refused():
+    state = am.adapter_state_dict(am.add_adapters(tiny_bert(), "elora", BERT_TARGETS, r=8, seed=0))
+    model = am.add_adapters(tiny_bert(), "elora", BERT_TARGETS, r=8, seed=1)
+    with pytest.raises(ValueError, match="projection seed"):
+        am.load_adapter_state_dict(model, state)
+
+
 def test_lora_equals_peft_lora():
     peft = pytest.importorskip("peft")
     base = tiny_bert()
@@ -276,12 +299,48 @@ def _freezer_with_scores(rule, means):
 
 
 @pytest.mark.parametrize("rho", [0.9, 0.6, 0.3, 0.05])
-def test_quantile_rule_matches_numpy_quantile(rho):
+def test_quantile_rule_is_the_released_kth_value(rho):
+    """q = the k-th smallest element score, k = int(N (1 - rho)) (the released code rounds down)."""
     freezer, scores = _freezer_with_scores("quantile", [1.0, 2.0, 3.0, 4.0])
     names = list(freezer.params)
-    elems = np.concatenate([freezer.element_scores(n).flatten().numpy() for n in names])
-    q = np.quantile(elems, 1 - rho, method="inverted_cdf")
+    elems = np.sort(np.concatenate([freezer.element_scores(n).flatten().numpy() for n in names]))
+    q = elems[int(len(elems) * (1 - rho)) - 1]
     assert freezer.to_freeze(names, scores, rho) == [n for n in names if scores[n] < q]
+
+
+def test_quantile_rule_rounds_k_down_and_k_zero_freezes_nothing():
+    """Two matrices of 2 elements each, scores {1, 9} and {2, 3}: mean 5 and 2.5. At 1 - rho = 0.74,
+    N (1 - rho) = 2.96: the released k = 2 gives q = 2 (nothing has a mean below it); rounding up
+    (k = 3) would give q = 3 and freeze the second matrix. 1 - rho = 0.2: k = 0, nothing freezes."""
+    model = am.add_adapters(nn.Sequential(nn.Linear(1, 2), nn.Linear(2, 1)), "aflora", ["0", "1"],
+                            r=1, train=(), adaptive=True)
+    freezer = am.AFLoRAFreezer(model, total_steps=100, t_init=10, t_final=10)
+    names = ["0.lora_B", "1.lora_A"]
+    freezer.exp_avg_ipt[names[0]] = torch.tensor([[1.0, 9.0]]).reshape(freezer.params[names[0]].shape)
+    freezer.exp_avg_ipt[names[1]] = torch.tensor([[2.0, 3.0]]).reshape(freezer.params[names[1]].shape)
+    for n in names:
+        freezer.exp_avg_unc[n] = torch.ones_like(freezer.params[n])
+    scores = {n: freezer.element_scores(n).mean().item() for n in names}
+    assert scores == {names[0]: 5.0, names[1]: 2.5}
+    assert freezer.to_freeze(names, scores, 0.26) == []
+    assert freezer.to_freeze(names, scores, 0.24) == [names[1]]        # k = 3: q = 3
+    assert freezer.to_freeze(names, scores, 0.8) == []                 # k = 0
+    assert freezer.to_freeze(names, scores, 0.0) == names
+
+
+def test_everything_left_freezes_at_T_minus_tf_even_after_non_finite_windows():
+    _, model, _ = build("toy", "aflora")
+    total, t_init, t_final = 40, 5, 10
+    freezer = am.AFLoRAFreezer(model, total_steps=total, t_init=t_init, t_final=t_final, window=5)
+    nan = {n: torch.full(p.shape, float("nan")) for n, p in freezer.params.items()}
+    with pytest.warns(UserWarning, match="non-finite"):
+        for t in range(1, total - t_final + 1):
+            set_grads(freezer, nan)
+            new = freezer.step()
+            assert (new != []) == (t == total - t_final), t
+    assert set(freezer.frozen_at) == set(freezer.params)
+    assert set(freezer.frozen_at.values()) == {total - t_final}
+    assert all(not p.requires_grad for p in freezer.params.values())
 
 
 def test_rank_rule_freezes_lowest_until_fraction_reached():
