@@ -23,6 +23,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import math
+import numbers
 import warnings
 
 import torch
@@ -31,7 +32,7 @@ import torch.nn as nn
 __all__ = [
     "LoRALinear", "ELoRALinear", "AFLoRALinear", "add_adapters", "adapter_layers",
     "layer_seed", "cubic_schedule", "AFLoRAFreezer", "count_parameters", "print_trainable_parameters",
-    "merge_adapters", "unmerge_adapters", "disable_adapters", "adapter_state_dict",
+    "merge_adapters", "unmerge_adapters", "merge_and_unload", "disable_adapters", "adapter_state_dict",
     "load_adapter_state_dict", "lora_factors", "export_lora", "save_checkpoint", "load_checkpoint",
     "rewrap_ddp",
 ]
@@ -48,11 +49,26 @@ def _kaiming_uniform(shape, fan_in: int, generator: torch.Generator) -> torch.Te
     return torch.empty(shape).uniform_(-bound, bound, generator=generator)
 
 
+def _is_conv1d(module: nn.Module) -> bool:
+    """transformers' Conv1D (GPT-2's layers): y = x @ W + b with W stored (in, out). Recognised by
+    duck typing, so that this file imports only torch."""
+    w = getattr(module, "weight", None)
+    return type(module).__name__ == "Conv1D" and hasattr(module, "nf") and isinstance(w, torch.Tensor) \
+        and w.dim() == 2
+
+
+def _adaptable(module: nn.Module) -> bool:
+    return isinstance(module, nn.Linear) or _is_conv1d(module)
+
+
 class _AdapterLinear(nn.Module):
     """Shared plumbing: wrap `base_layer`, freeze it, merge/unmerge through `delta_weight()`.
 
-    Adapter tensors live in fp32 even when the base is fp16/bf16 (delta and merge are computed
-    in fp32); the adapter path casts its input to fp32 and its output back to the base dtype.
+    `base_layer` is an nn.Linear (weight stored (out, in)) or a transformers Conv1D (weight stored
+    (in, out), `fan_in_fan_out`); `base_weight()` is the (out, in) view either way.
+    Adapter tensors are created in fp32, also on an fp16/bf16 base (ΔW and merges are computed in
+    fp32); the adapter path runs in the adapters' dtype and casts its output to the base's. A later
+    `model.to(dtype)` / `.half()` casts the adapters too, like every other parameter.
     """
 
     def __init__(self, base_layer: nn.Linear, r: int):
@@ -60,12 +76,13 @@ class _AdapterLinear(nn.Module):
         if isinstance(base_layer, _AdapterLinear):
             raise ValueError("this layer already has an adapter; adapters cannot be added twice "
                              "(build the adapter on the original nn.Linear)")
-        if not isinstance(base_layer, nn.Linear):
-            raise ValueError(f"adapters wrap nn.Linear layers, got {type(base_layer).__name__}; "
-                             "choose targets that name nn.Linear modules")
+        if not _adaptable(base_layer):
+            raise ValueError(f"adapters wrap nn.Linear (or transformers Conv1D) layers, got "
+                             f"{type(base_layer).__name__}; choose targets that name nn.Linear modules")
         if not isinstance(r, int) or r <= 0:
             raise ValueError(f"rank r must be a positive integer, got {r!r}")
         self.base_layer = base_layer
+        self.fan_in_fan_out = _is_conv1d(base_layer)
         self.r = r
         self.merged = False
         self.disabled = False
@@ -75,17 +92,21 @@ class _AdapterLinear(nn.Module):
 
     @property
     def in_features(self) -> int:
-        return self.base_layer.in_features
+        return self.base_layer.weight.shape[0 if self.fan_in_fan_out else 1]
 
     @property
     def out_features(self) -> int:
-        return self.base_layer.out_features
+        return self.base_layer.weight.shape[1 if self.fan_in_fan_out else 0]
+
+    def base_weight(self) -> torch.Tensor:  # (out, in), a view of the base's weight
+        w = self.base_layer.weight
+        return w.T if self.fan_in_fan_out else w
 
     def _param(self, tensor: torch.Tensor, trainable: bool = True) -> nn.Parameter:
         w = self.base_layer.weight
         return nn.Parameter(tensor.to(device=w.device, dtype=torch.float32), requires_grad=trainable)
 
-    def delta_weight(self) -> torch.Tensor:  # (out, in), fp32
+    def delta_weight(self) -> torch.Tensor:  # (out, in), in the adapters' dtype (fp32 unless cast)
         raise NotImplementedError
 
     def adapter_forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -95,7 +116,7 @@ class _AdapterLinear(nn.Module):
         y = self.base_layer(x)
         if self.merged or self.disabled:
             return y
-        return y + self.adapter_forward(x.to(torch.float32)).to(y.dtype)
+        return y + self.adapter_forward(x.to(self.lora_A.dtype)).to(y.dtype)
 
     @torch.no_grad()
     def merge(self) -> None:
@@ -103,8 +124,8 @@ class _AdapterLinear(nn.Module):
         if self.merged:
             warnings.warn("adapter is already merged; merge() did nothing", stacklevel=2)
             return
-        w = self.base_layer.weight
-        w.copy_((w.float() + self.delta_weight()).to(w.dtype))
+        w = self.base_weight()
+        w.copy_((w.float() + self.delta_weight().float()).to(w.dtype))
         self.merged = True
 
     @torch.no_grad()
@@ -113,8 +134,8 @@ class _AdapterLinear(nn.Module):
         if not self.merged:
             warnings.warn("adapter is not merged; unmerge() did nothing", stacklevel=2)
             return
-        w = self.base_layer.weight
-        w.copy_((w.float() - self.delta_weight()).to(w.dtype))
+        w = self.base_weight()
+        w.copy_((w.float() - self.delta_weight().float()).to(w.dtype))
         self.merged = False
 
     def extra_repr(self) -> str:
@@ -198,8 +219,9 @@ class ELoRALinear(_AdapterLinear):
         self._path = value
 
     def _fused(self, x: torch.Tensor) -> bool:
-        """Whether the weight path may fold ΔW into W0 (an fp32 base, no autocast)."""
-        return self.base_layer.weight.dtype == torch.float32 and not torch.is_autocast_enabled(x.device.type)
+        """Whether the weight path may fold ΔW into W0 (fp32 base and adapters, no autocast)."""
+        return self.base_layer.weight.dtype == torch.float32 and self.lora_A.dtype == torch.float32 \
+            and not torch.is_autocast_enabled(x.device.type)
 
     def choose_path(self, x: torch.Tensor) -> str:
         """The path a forward on x takes. "auto" compares the extra multiply-adds of forward +
@@ -223,11 +245,11 @@ class ELoRALinear(_AdapterLinear):
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # x: (..., in) -> (..., out)
         if self.merged or self.disabled or self.choose_path(x) == "token":
             return super().forward(x)
-        base = self.base_layer
         if self._fused(x):                                       # one matmul with W0 + ΔW
-            return nn.functional.linear(x, base.weight + self.delta_weight(), base.bias)
-        y = base(x)                                              # keep ΔW out of a low-precision W0
-        return y + nn.functional.linear(x.to(torch.float32), self.delta_weight()).to(y.dtype)
+            return nn.functional.linear(x, self.base_weight() + self.delta_weight(), self.base_layer.bias)
+        y = self.base_layer(x)                                   # keep ΔW out of a low-precision W0
+        delta = self.delta_weight()
+        return y + nn.functional.linear(x.to(delta.dtype), delta).to(y.dtype)
 
 
 class AFLoRALinear(ELoRALinear):
@@ -240,8 +262,8 @@ class AFLoRALinear(ELoRALinear):
 
     def __init__(self, base_layer: nn.Linear, r: int = 4, adaptive: bool | None = None,
                  d_init: float = 0.1, seed: int = 0, path: str = "auto"):
-        if adaptive is None and isinstance(base_layer, nn.Linear):
-            adaptive = base_layer.in_features != base_layer.out_features
+        if adaptive is None and _adaptable(base_layer):
+            adaptive = base_layer.weight.shape[0] != base_layer.weight.shape[1]   # not square
         super().__init__(base_layer, r, d_init=d_init, seed=seed,
                          trainable_projections=bool(adaptive), path=path)
         self.adaptive = bool(adaptive)
@@ -298,9 +320,9 @@ def add_adapters(model: nn.Module, method: str, targets, r: int | None = None,
                          "(start from a fresh model, or unmerge and keep the existing ones)")
     chosen = [(n, m) for n, m in model.named_modules() if n and _matches(n, targets)]
     if not chosen:
-        linears = [n for n, m in model.named_modules() if isinstance(m, nn.Linear)]
+        linears = [n for n, m in model.named_modules() if _adaptable(m)]
         raise ValueError(f"no module matches targets {targets}; nn.Linear modules in this model: {linears}")
-    bad = [f"{n} ({type(m).__name__})" for n, m in chosen if not isinstance(m, nn.Linear)]
+    bad = [f"{n} ({type(m).__name__})" for n, m in chosen if not _adaptable(m)]
     if bad:
         raise ValueError(f"targets must name nn.Linear modules, but these matched: {bad}; "
                          "use a more specific target such as 'attention.output.dense'")
@@ -337,6 +359,10 @@ def cubic_schedule(step: int, total_steps: int, t_init: int, t_final: int) -> fl
         ρ(t) = (1 - (t - t_i) / (T - t_i - t_f))^3    t_i < t <= T - t_f
         ρ(t) = 0                                      t > T - t_f
     """
+    for label, v in (("step", step), ("total_steps", total_steps), ("t_init", t_init), ("t_final", t_final)):
+        if isinstance(v, bool) or not isinstance(v, numbers.Integral):
+            raise TypeError(f"{label} must be an integer number of optimizer steps, got {v!r} "
+                            f"(e.g. total_steps = epochs * len(train_loader) // grad_accumulation)")
     if t_init < 0 or t_final < 0 or t_init + t_final >= total_steps:
         raise ValueError(f"need 0 <= t_init, 0 <= t_final and t_init + t_final < total_steps, got "
                          f"t_init={t_init}, t_final={t_final}, total_steps={total_steps}")
@@ -389,7 +415,9 @@ class AFLoRAFreezer:
                              "include a non-square nn.Linear (or pass adaptive=True)")
         self.total_steps, self.t_init, self.t_final = total_steps, t_init, t_final
         self.beta1, self.beta2, self.window, self.rule = beta1, beta2, window, rule
-        self.optimizer = optimizer
+        self._optimizer = None
+        self.optimizer = optimizer                  # checked: see the setter
+        self._last_grads: list | None = None        # (grad, version) of the last step: catches a 2nd call
         self.step_count = 0
         self.frozen_at: dict[str, int] = {}
         self.ipt_sum = {n: torch.zeros_like(p) for n, p in self.params.items()}   # Σ|∇| in window
@@ -403,6 +431,21 @@ class AFLoRAFreezer:
         self._warned = set()
         self._forget_after = forget_warning_after
         self._hook = model.register_forward_pre_hook(self._count_forward)
+
+    @property
+    def optimizer(self) -> torch.optim.Optimizer | None:
+        """The optimizer whose state of a matrix is dropped when it freezes (None: no state dropped)."""
+        return self._optimizer
+
+    @optimizer.setter
+    def optimizer(self, optimizer) -> None:
+        if optimizer is not None:
+            held = {id(p) for group in optimizer.param_groups for p in group["params"]}
+            if not any(id(p) in held for p in self.params.values()):
+                raise ValueError("the optimizer holds none of the adaptive AFLoRA matrices (lora_A / lora_B), "
+                                 "so freezing could never release their state: build the optimizer over "
+                                 "the model's trainable parameters after add_adapters, or pass optimizer=None")
+        self._optimizer = optimizer
 
     # -- the score ---------------------------------------------------------------------------
     def _count_forward(self, module, args):
@@ -500,7 +543,14 @@ class AFLoRAFreezer:
         if not names:                       # everything frozen: the final phase, nothing to do
             self.step_count += 1
             return []
+        grads = [self.params[n].grad for n in names]
+        if self._last_grads is not None and len(self._last_grads) == len(grads) and all(
+                g is h and g._version == v for g, (h, v) in zip(grads, self._last_grads)):
+            raise RuntimeError("AFLoRAFreezer.step() was called twice without a backward in between (the "
+                               "gradients are the same, unchanged tensors): call it once per optimizer "
+                               "step, after loss.backward(); nothing was changed")
         self.accumulate(names)
+        self._last_grads = [(g, g._version) for g in grads]
         self.step_count += 1
         t = self.step_count
         rho = cubic_schedule(t, self.total_steps, self.t_init, self.t_final)
@@ -611,6 +661,22 @@ def unmerge_adapters(model: nn.Module) -> nn.Module:
     for layer in _require_adapters(model):
         if layer.merged:
             layer.unmerge()
+    return model
+
+
+def merge_and_unload(model: nn.Module) -> nn.Module:
+    """Replace every adapter layer by its own base layer holding W0 + ΔW (computed in fp32, stored in
+    the base's dtype): a plain model with no trace of the adapters and no inference overhead, whose
+    `save_pretrained` / `from_pretrained` round trip holds. Returns the model. (A model that still
+    holds adapter layers saves keys such as `...query.base_layer.weight`, which `from_pretrained`
+    does not find: it would load random weights there.)"""
+    inner = _unwrap(model)
+    _require_adapters(inner)
+    for name, layer in list(adapter_layers(inner)):
+        if not layer.merged:
+            layer.merge()
+        parent_name, _, child = name.rpartition(".")
+        setattr(inner.get_submodule(parent_name) if parent_name else inner, child, layer.base_layer)
     return model
 
 
@@ -770,6 +836,10 @@ def export_lora(model: nn.Module, directory, task_type: str | None = "auto",
     if any(layer.merged for layer in _require_adapters(model)):
         raise ValueError("the model is merged: its base weights already hold ΔW, and the exported "
                          "adapter would add it a second time; call unmerge_adapters(model) first")
+    conv = {layer.fan_in_fan_out for _, layer in adapter_layers(model)}
+    if len(conv) > 1:
+        raise ValueError("the adapters wrap both nn.Linear and Conv1D layers; a PEFT LoRA config has one "
+                         "fan_in_fan_out for all of them: export the two kinds from separate models")
     tensors, pairs = {}, {}
     for name, layer in adapter_layers(model):
         A, B, alpha = lora_factors(layer)
@@ -791,7 +861,7 @@ def export_lora(model: nn.Module, directory, task_type: str | None = "auto",
         "rank_pattern": {re.escape(n): p[0] for n, p in pairs.items() if p[0] != r},
         "alpha_pattern": {re.escape(n): p[1] for n, p in pairs.items() if p[1] != alpha},
         "modules_to_save": extras or None, "lora_dropout": 0.0, "bias": "none",
-        "fan_in_fan_out": False, "use_rslora": False, "use_dora": False, "init_lora_weights": True,
+        "fan_in_fan_out": conv == {True}, "use_rslora": False, "use_dora": False, "init_lora_weights": True,
         "inference_mode": True,
     }
     os.makedirs(directory, exist_ok=True)

@@ -88,11 +88,11 @@ METHODS = ("lora", "elora", "aflora")      # the grid's default; peft_lora / pef
 METHOD_LABELS = {"lora": "LoRA r=8", "elora": "ELoRA r=1024", "aflora": "AFLoRA r=4",
                  "peft_lora": "PEFT LoRA r=8", "peft_vera": "PEFT VeRA r=1024"}
 RANKS = {"lora": 8, "elora": 1024, "aflora": 4, "peft_lora": 8, "peft_vera": 1024}
-SPEED_NAMES = ("floor", "peft_lora8", "peft_vera1024", "lora8", "elora1024", "aflora4_start",
+SPEED_NAMES = ("floor", "peft_lora8", "peft_vera1024", "lora8", "elora1024", "elora1024_token", "aflora4_start",
                "aflora4_frozen", "freezer_overhead")
 # Trainable adapter parameters on MiniLM, classifier excluded (METHOD.md section 6).
 EXPECTED_PARAMS = {"floor": 0, "peft_lora8": 331_776, "peft_vera1024": 57_600, "lora8": 331_776,
-                   "elora1024": 57_600, "aflora4_start": 113_040, "aflora4_frozen": 20_880,
+                   "elora1024": 57_600, "elora1024_token": 57_600, "aflora4_start": 113_040, "aflora4_frozen": 20_880,
                    "freezer_overhead": 92_160}
 GLUE_FIELDS = ("task", "method", "seed", "metric", "best", "last", "trainable_params_avg", "wall_s",
                "device", "mode")
@@ -842,7 +842,14 @@ def build_speed_configs(device, names=SPEED_NAMES, task="SST-2", seed=0) -> dict
         add("lora8", build_model("lora", task, device, seed)[0], "aflora_min LoRA r=8 on the six linears")
     if "elora1024" in wanted:
         add("elora1024", build_model("elora", task, device, seed)[0],
-            "aflora_min ELoRA r=1024 on the six linears (a random pair per layer)")
+            "aflora_min ELoRA r=1024 on the six linears (a random pair per layer), path='auto' (what the "
+            "grid runs; at this batch every layer takes the weight path: one matmul with W0 + ΔW)")
+    if "elora1024_token" in wanted:
+        model = build_model("elora", task, device, seed)[0]
+        for _, layer in am.adapter_layers(model):
+            layer.path = "token"
+        add("elora1024_token", model, "aflora_min ELoRA r=1024, path='token' forced (every token through "
+                                      "A and B, as PEFT's VeRA and the AFLoRA authors' ELoRA compute it)")
     if "aflora4_start" in wanted or "freezer_overhead" in wanted:
         model = build_model("aflora", task, device, seed)[0]
         # A schedule that never freezes (rho stays ~1) but closes a window and takes the quantile every
@@ -1085,7 +1092,8 @@ def targets(glue_records=None, speed_records=None, glue_source="", speed_source=
             row(target, "-", None, speed_source)
 
     ratio_row("our LoRA r=8 step <= PEFT LoRA r=8", "lora8", "peft_lora8", 1.0)
-    ratio_row("our ELoRA r=1024 step <= PEFT VeRA r=1024", "elora1024", "peft_vera1024", 1.0)
+    ratio_row("our ELoRA r=1024 step <= 0.5x PEFT VeRA r=1024", "elora1024", "peft_vera1024", 0.5)
+    ratio_row("our ELoRA r=1024 step <= 2.2x the floor", "elora1024", "floor", 2.2)
     ratio_row("AFLoRA frozen step within 1.2x of the floor", "aflora4_frozen", "floor", 1.2)
     if "freezer_overhead" in s:
         pct = s["freezer_overhead"]["pct_of_step"]

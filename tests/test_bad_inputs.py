@@ -195,6 +195,17 @@ def check_all_frozen(ctx, out):
     assert out == [] and all(torch.equal(p, ctx.before[n]) for n, p in ctx.other.named_parameters())
 
 
+def step_twice(ctx):
+    backward(ctx)
+    ctx.freezer.step()
+    ctx.after_one = ctx.freezer.state_dict()
+    ctx.freezer.step()
+
+
+def check_one_step(ctx, out):
+    assert same(ctx.freezer.state_dict(), ctx.after_one) and ctx.freezer.step_count == 1
+
+
 def step_past_total(ctx):
     model = aflora()
     f = freezer_for(model, total_steps=4, t_init=0, t_final=1, window=1)
@@ -328,6 +339,13 @@ ROWS = [
         note="the window is dropped: no score update, no freeze decision"),
     Row("inf gradient on a decision step", inf_at_decision_step, UserWarning, "non-finite gradient",
         check=check_inf, note="no freeze decision on that step"),
+    Row("freezer.step() twice after one backward", step_twice, RuntimeError, "called twice without a backward",
+        changes=("freezer",), check=check_one_step, note="the second call changes nothing"),
+    Row("total_steps not an integer", lambda c: freezer_for(c.model, total_steps=40.5), TypeError,
+        "must be an integer number of optimizer steps"),
+    Row("optimizer without the adaptive matrices",
+        lambda c: freezer_for(c.model, optimizer=torch.optim.AdamW([c.model.up.lora_d])), ValueError,
+        "holds none of the adaptive AFLoRA matrices"),
     Row("freezer.step() after every matrix froze", step_after_all_frozen, None, check=check_all_frozen,
         note="returns []; counts the step, nothing else"),
     Row("freezer.step() past total_steps", step_past_total, UserWarning, "past total_steps",
