@@ -577,11 +577,14 @@ class AFLoRAFreezer:
         return sum(p.numel() for _, m in adapter_layers(model) for p in m.parameters() if p.requires_grad)
 
     def time_averaged_trainable(self) -> float:
-        """Trainable adapter parameters averaged over the steps taken so far (the paper's 0.14M*)."""
+        """Trainable adapter parameters averaged over the steps taken so far (the paper's 0.14M*):
+        (1/t) Σ_{s=1..t} n_s, where n_s counts what step s's optimizer update trains. A matrix frozen
+        at step s takes no update at step s, so it counts up to step s-1 (as helpers.train's
+        per-step counts, taken after each step)."""
         steps = max(self.step_count, 1)
-        total, hist = 0.0, self.history + [(steps, None)]
-        for (s0, count), (s1, _) in zip(hist, hist[1:]):
-            total += count * (min(s1, steps) - min(s0, steps))
+        starts = [max(1, s) for s, _ in self.history] + [steps + 1]   # history: (first step, count)
+        total = sum(count * (min(b, steps + 1) - min(a, steps + 1))
+                    for (_, count), a, b in zip(self.history, starts, starts[1:]))
         return total / steps
 
     def state_dict(self) -> dict:

