@@ -542,3 +542,46 @@ def step_time(model, batch, n=20, warmup=5) -> float:
         model.zero_grad(set_to_none=True)
     model.train(was_training)
     return 1000 * statistics.median(times)
+
+
+# ---------------------------------------------------------------- the freeze map (one convention)
+FREEZE_ROWS = ("intermediate A", "intermediate B", "output A", "output B")
+
+
+def freeze_map(frozen_at_runs, total_steps_runs) -> tuple[list[int], np.ndarray]:
+    """(layer ids, values[row][layer]): when each adaptive FFN matrix froze, as a fraction of training
+    (frozen_at / T), averaged over runs; NaN where it never froze. Rows are FREEZE_ROWS.
+    frozen_at_runs: a list of {matrix name: step} dicts; total_steps_runs: each run's T."""
+    import re
+    pattern = re.compile(r"layer\.(\d+)\.(intermediate|output)\.dense\.lora_([AB])$")
+    acc = {}
+    for frozen_at, total in zip(frozen_at_runs, total_steps_runs):
+        for name, step in frozen_at.items():
+            m = pattern.search(name)
+            if m:
+                acc.setdefault((f"{m.group(2)} {m.group(3)}", int(m.group(1))), []).append(step / total)
+    layers = sorted({layer for _, layer in acc})
+    values = np.array([[np.mean(acc[(row, l)]) if (row, l) in acc else np.nan for l in layers]
+                       for row in FREEZE_ROWS])
+    return layers, values
+
+
+def plot_freeze_map(ax, layers, values, vmax=None, title="", annotate=True):
+    """The project's one heat-map convention (notebooks 03, 04, 05): layers left to right, the four
+    adaptive FFN matrices top to bottom, colour = when the matrix froze as a fraction of training
+    (viridis: dark = early, light = late), 0 to vmax (default: the largest value, rounded up to 0.05),
+    each cell annotated with its value. Returns the image (for a colour bar)."""
+    vmax = vmax or max(0.05, math.ceil(np.nanmax(values) * 20) / 20)
+    im = ax.imshow(values, vmin=0, vmax=vmax, cmap="viridis", aspect="auto")
+    ax.set_xticks(range(len(layers)), [str(l) for l in layers])
+    ax.set_yticks(range(len(FREEZE_ROWS)), FREEZE_ROWS)
+    ax.set_xlabel("encoder layer")
+    if title:
+        ax.set_title(title)
+    if annotate:
+        for i in range(values.shape[0]):
+            for j in range(values.shape[1]):
+                if not np.isnan(values[i, j]):
+                    ax.text(j, i, f"{values[i, j]:.2f}", ha="center", va="center", fontsize=7,
+                            color="white" if values[i, j] < 0.6 * vmax else "black")
+    return im
