@@ -46,16 +46,6 @@ def test_aflora_schedule_is_always_valid_for_the_freezer(total):
     am.cubic_schedule(0, total, t_init, t_final)  # raises if invalid
 
 
-def test_reserved_names_only_for_a_full_cuda_run(tmp_path):
-    for kind in ("glue", "speed"):
-        with pytest.raises(ValueError, match="reserved"):
-            bm.check_out_path(tmp_path / f"{kind}.json", kind, "cpu", "full")
-        with pytest.raises(ValueError, match="reserved"):
-            bm.check_out_path(tmp_path / f"{kind}.json", kind, "cuda", "fast")
-        assert bm.check_out_path(tmp_path / f"{kind}_cpu.json", kind, "cpu", "fast").name == f"{kind}_cpu.json"
-    assert bm.check_out_path(tmp_path / "glue.json", "glue", "cuda", "full").name == "glue.json"
-
-
 def test_records_round_trip_and_append(tmp_path):
     path = tmp_path / "sub" / "r.json"
     assert bm.read_records(path) == []
@@ -103,11 +93,6 @@ def test_grid_stops_before_the_time_budget(tmp_path, monkeypatch):
     assert len(written) == 1  # the first run "took" 10 minutes: the second would not fit
 
 
-def test_grid_refuses_reserved_name_on_cpu(tmp_path):
-    with pytest.raises(ValueError, match="reserved"):
-        bm.run_glue_grid(["RTE"], ["lora"], [0], "full", tmp_path / "glue.json", device="cpu", log=None)
-
-
 def test_summarize_and_targets_from_results():
     glue = []
     for task in ("RTE", "MRPC"):
@@ -118,14 +103,18 @@ def test_summarize_and_targets_from_results():
     s = bm.summarize_glue(glue)
     assert list(s) == ["lora", "elora", "aflora"]
     assert s["aflora"]["mean"] == pytest.approx(0.71) and s["lora"]["wall_s"] == 400.0
+    assert s["lora"]["n"] == {"MRPC": 2, "RTE": 2} and s["lora"]["sd"]["RTE"] == 0.0
+    assert bm.complete_tasks(glue) == ["MRPC", "RTE"]
+    assert bm.complete_tasks(glue[:-1]) == ["RTE"]                     # MRPC seed 1 misses AFLoRA
     speed = [dict(name="floor", step_ms=10.0), dict(name="peft_lora8", step_ms=20.0),
              dict(name="lora8", step_ms=19.0), dict(name="peft_vera1024", step_ms=50.0),
              dict(name="elora1024", step_ms=60.0), dict(name="aflora4_frozen", step_ms=11.9),
              dict(name="freezer_overhead", step_ms=0.5, pct_of_step=4.0)]
     rows = {r["target"]: r["status"] for r in bm.targets(glue, speed, "g", "s")}
-    assert list(rows.values()) == ["met", "met", "met", "met", "missed", "missed", "met", "missed"]
+    assert list(rows.values()) == ["met", "met", "met", "not measured yet", "met", "missed", "missed", "met",
+                                   "missed"]
     rows = bm.targets(None, None)
-    assert len(rows) == 8 and {r["status"] for r in rows} == {"not measured yet"}
+    assert len(rows) == 9 and {r["status"] for r in rows} == {"not measured yet"}
     assert "not measured yet" in bm.format_targets(rows)
 
 
@@ -261,3 +250,13 @@ def test_a_job_stopped_after_an_epoch_resumes_to_the_same_record(tmp_path, metho
     assert resumed["resumed_from_epoch"] == 2 and whole["resumed_from_epoch"] == 0
     for key in ("best", "last", "dev_history", "steps", "trainable_params_avg", "frozen_at", "dev_final"):
         assert resumed.get(key) == whole.get(key), key
+
+
+def test_a_search_record_never_counts_as_the_grid_run_of_the_same_task_method_seed():
+    search = dict(task="SST-2", method="lora", seed=0, mode="cpu", kind="lr_search", lr_factor=1.0)
+    grid_job = next(j for j in bm.cpu_jobs() if j["kind"] == "grid" and j["task"] == "SST-2"
+                    and j["method"] == "lora" and j["seed"] == 0)
+    search_job = next(j for j in bm.cpu_jobs() if j["kind"] == "lr_search" and j["task"] == "SST-2"
+                      and j["method"] == "lora" and j["lr_factor"] == 1.0)
+    assert bm._job_done(search_job, [search]) and not bm._job_done(grid_job, [search])
+    assert bm._job_done(grid_job, [dict(search, kind="grid", lr_factor=3.0)])
