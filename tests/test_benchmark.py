@@ -124,14 +124,12 @@ def test_aflora_param_ratio_is_part_of_the_accuracy_target():
     assert first["status"] == "missed" and "3.3x fewer" in first["value"]
 
 
-def test_freeze_matrix_reads_frozen_at():
-    recs = [dict(task="RTE", steps=100, freezer=dict(total_steps=100), frozen_at={
-        "bert.encoder.layer.0.intermediate.dense.lora_A": 30,
-        "bert.encoder.layer.1.output.dense.lora_B": 10}),
-        dict(task="RTE", steps=100, freezer=dict(total_steps=100), frozen_at={
-            "bert.encoder.layer.0.intermediate.dense.lora_A": 20})]
-    rows, layers, values = bm.freeze_matrix(recs)
-    assert rows[0] == "intermediate A" and layers == [0, 1]
+def test_freeze_map_reads_frozen_at():
+    import helpers
+    runs = [{"bert.encoder.layer.0.intermediate.dense.lora_A": 30, "bert.encoder.layer.1.output.dense.lora_B": 10},
+            {"bert.encoder.layer.0.intermediate.dense.lora_A": 20}]
+    layers, values = helpers.freeze_map(runs, [100, 100])
+    assert helpers.FREEZE_ROWS[0] == "intermediate A" and layers == [0, 1]
     assert values[0][0] == pytest.approx(0.25)
     assert values[3][1] == pytest.approx(0.10)
     assert math.isnan(values[1][0])
