@@ -504,7 +504,7 @@ def choose_lr_factors(records, methods=METHODS) -> dict:
 def lr_search_table(records) -> str:
     """The search's table: held-out score per method, factor and task, the mean, and the choice."""
     chosen = choose_lr_factors(records)
-    lines = [f"{'method':8s} {'factor':>7s} {'adapter lr':>11s} {'head lr':>8s} " +
+    lines = [f"{'method':8s} {'factor':>7s} {'SST-2 lr':>11s} {'head lr':>8s} " +
              "".join(f"{t:>9s}" for t in LR_SEARCH_TASKS) + f"{'mean':>9s}  chosen"]
     for m in METHODS:
         for f in LR_FACTORS:
@@ -516,7 +516,7 @@ def lr_search_table(records) -> str:
             mean = statistics.mean(vals) if None not in vals else None
             lines.append(f"{m:8s} {f:7.3g} {lr:11.2e} {head:8.1e} " +
                          "".join(f"{'-' if v is None else f'{v:.4f}':>9s}" for v in vals) +
-                         f"{'-' if mean is None else f'{mean:.4f}':>9s}  {'<-' if chosen.get(m) == f else ''}")
+                         f"{'-' if mean is None else f'{mean:.4f}':>9s}  {'<-' if chosen.get(m) == f else ''}".rstrip())
     return "\n".join(lines)
 
 
@@ -1142,6 +1142,67 @@ def accuracy_table(records, anchor=True) -> str:
     return "\n".join(lines)
 
 
+def results_markdown() -> str:
+    """The README's "Results" section, generated from the committed result files only (so every number
+    in it has a file and a command behind it). tests/test_readme.py checks that the README holds
+    exactly this text: regenerate with `python notebooks/benchmark.py readme-results`."""
+    search = read_records(LR_SEARCH_CPU)
+    grid = [r for r in read_records(GLUE_CPU) if r.get("kind") == "grid"]
+    speed = {r["name"]: r for r in read_records(RESULTS / "speed_cpu.json")}
+    out = [f"Status: {len(grid)} of 45 grid runs and {len(search)} of 18 learning-rate search runs are in "
+           "the results files" + (" (the grid is still running; this section is regenerated as it fills in)."
+                                  if len(grid) < 45 else ".")]
+    if speed:
+        r0 = next(iter(speed.values()))
+        out += ["", f"**Step time** ([`speed_cpu.json`](notebooks/results/speed_cpu.json): batch {r0['batch']}, "
+                f"length {r0['length']}, {r0['threads']} thread, fp32, forward + backward + AdamW, median of "
+                f"{r0['rounds']} interleaved rounds; `{r0.get('command', '')}`):", "",
+                "| configuration | s per step | vs floor | trainable params |", "|---|---|---|---|"]
+        labels = {"floor": "frozen base (floor)", "peft_lora8": "PEFT LoRA r=8", "peft_vera1024": "PEFT VeRA r=1024",
+                  "lora8": "ours, LoRA r=8", "elora1024": "ours, ELoRA r=1024 (auto: weight path)",
+                  "elora1024_token": "ours, ELoRA r=1024, token path", "aflora4_start": "ours, AFLoRA r=4 at start",
+                  "aflora4_frozen": "ours, AFLoRA r=4, all A, B frozen"}
+        for n, label in labels.items():
+            if n in speed and speed[n]["step_ms"]:
+                out.append(f"| {label} | {speed[n]['step_ms'] / 1000:.2f} | "
+                           f"{speed[n]['step_ms'] / speed['floor']['step_ms']:.2f}x | {speed[n]['params']:,} |")
+        if "freezer_overhead" in speed:
+            fz = speed["freezer_overhead"]
+            out += ["", f"AFLoRA's freezer adds {fz['step_ms']:.1f} ms per step ({fz['pct_of_step']:.2f}% of a step)."]
+    if search:
+        out += ["", "**Learning rates** ([`lr_search_cpu.json`](notebooks/results/lr_search_cpu.json), held-out "
+                "10% of the training split, seed 0; the factor with the best mean is used on every task):", "",
+                "```text", lr_search_table(search), "```"]
+    if grid:
+        fair = complete_tasks(grid)
+        out += ["", "**Accuracy** ([`glue_cpu.json`](notebooks/results/glue_cpu.json), best dev epoch, mean ± sd "
+                "over seeds (n); `python notebooks/benchmark.py cpu-grid --workers 2`):", "",
+                "| task | " + " | ".join(METHOD_LABELS[m] for m in METHODS) + " |", "|---" * (len(METHODS) + 1) + "|"]
+        for t in TASKS:
+            cells = []
+            for m in METHODS:
+                v = [r["best"] for r in grid if r["task"] == t and r["method"] == m]
+                sd = statistics.stdev(v) if len(v) > 1 else 0.0
+                cells.append(f"{statistics.mean(v):.3f} ± {sd:.3f} ({len(v)})" if v else "pending")
+            out.append(f"| {t} ({helpers.TASKS[t]['metric']}) | " + " | ".join(cells) + " |")
+        if fair:
+            g = summarize_glue([r for r in grid if r["task"] in fair])
+            out.append(f"| mean over {', '.join(fair)} | " + " | ".join(
+                f"{g[m]['mean']:.3f}" if m in g and g[m]['mean'] is not None else "-" for m in METHODS) + " |")
+            out.append("| time-averaged trainable params | " + " | ".join(
+                f"{g[m]['params']:,.0f}" if m in g else "-" for m in METHODS) + " |")
+    rows = {r["target"]: r for r in targets(grid, list(speed.values()), "glue_cpu.json", "speed_cpu.json")}
+    verdict = {"met": "holds", "missed": "does not hold", "not measured yet": "is not measured yet"}
+    acc = rows["AFLoRA mean >= LoRA mean, with >= 5x fewer time-averaged params"]
+    run = rows["AFLoRA whole-run time <= 0.6x ELoRA's"]
+    out += ["", "**The paper's claims on MiniLM** (computed from the files above):", "",
+            f"- AFLoRA matches or beats LoRA with >= 5x fewer time-averaged parameters (paper: +0.85 points, 9.5x "
+            f"fewer): {verdict[acc['status']]} so far ({acc['value']}).",
+            f"- An AFLoRA run takes <= 0.6x of an ELoRA run (paper: 0.54x): {verdict[run['status']]} so far "
+            f"({run['value']}; process CPU time of paired runs)."]
+    return "\n".join(out) + "\n"
+
+
 # ------------------------------------------------------------------------------------------------
 # Command line
 
@@ -1188,6 +1249,7 @@ def _main(argv=None):
     q.add_argument("--results-dir", default=str(RESULTS))
     q.add_argument("--override", default=None, help="JSON of grid_settings overrides (smoke tests only)")
     q = sub.add_parser("lr-table", help="the learning-rate search's table and choice")
+    q = sub.add_parser("readme-results", help="print the README's Results section from the result files")
     q = sub.add_parser("plan")
     q.add_argument("--out", required=True)
     q.add_argument("--tasks", nargs="+", default=list(TASKS))
@@ -1208,6 +1270,9 @@ def _main(argv=None):
         print(format_targets(targets(read_records(glue_path) if glue_path else None,
                                      read_records(speed_path) if speed_path else None,
                                      glue_path.name if glue_path else "", speed_path.name if speed_path else "")))
+        return
+    if a.cmd == "readme-results":
+        print(results_markdown(), end="")
         return
     if a.cmd == "lr-table":
         print(lr_search_table(read_records(LR_SEARCH_CPU)))

@@ -40,3 +40,13 @@ def test_readme_trainer_recipe_runs(tmp_path):
     assert (tmp_path / "plain-model" / "config.json").is_file()
     reloaded = (tmp_path / "plain-model" / "model.safetensors").read_bytes()
     assert b"base_layer" not in reloaded[:200_000] and b"lora_" not in reloaded[:200_000]
+
+
+def test_readme_results_section_is_generated_from_the_result_files():
+    """Every number in the README's Results section comes from the committed result files: the section
+    is exactly what `python notebooks/benchmark.py readme-results` prints from them."""
+    import benchmark as bm
+    text = (ROOT / "README.md").read_text()
+    begin = text.index("<!-- results:begin")
+    section = text[text.index("\n", begin) + 1:text.index("<!-- results:end -->")]
+    assert section == bm.results_markdown(), "README Results section is stale: regenerate it"
