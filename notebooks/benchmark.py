@@ -741,6 +741,87 @@ def run_plan(tasks=TASKS, methods=METHODS, epochs=None, autocasts=(None, "bf16")
     return records
 
 
+def run_padding(out_path=None, log=print) -> list[dict]:
+    """Real and padded tokens per method and seed with random batches and with length-grouped ones
+    (MiniLM's tokenizer, batch 32, length 128), over the reference and the CPU protocol's epochs."""
+    from transformers import AutoTokenizer
+    tok = AutoTokenizer.from_pretrained(helpers._model_path())
+    records = []
+    for task in TASKS:
+        train = helpers.load_glue(task, "train")
+        for protocol, epochs, max_steps in (("reference", FULL_EPOCHS[task], None),
+                                            ("cpu", CPU_EPOCHS[task], CPU_MAX_STEPS.get(task))):
+            rec = dict(task=task, protocol=protocol, epochs=epochs, max_steps=max_steps)
+            for grouped in (False, True):
+                loader = helpers.make_loader(tok, train, 32, 128, shuffle=True, seed=0, group_by_length=grouped)
+                real = padded = steps = 0
+                for _ in range(epochs):
+                    for batch in loader:
+                        if max_steps is not None and steps >= max_steps:
+                            break
+                        real += int(batch["attention_mask"].sum())
+                        padded += batch["attention_mask"].numel()
+                        steps += 1
+                rec["grouped" if grouped else "random"] = dict(real=real, padded=padded, steps=steps)
+            records.append(rec)
+            log(f"{task:6s} {protocol:9s} real {rec['random']['real'] / 1e6:6.2f}M  padded: random "
+                f"{rec['random']['padded'] / 1e6:6.2f}M, grouped {rec['grouped']['padded'] / 1e6:6.2f}M")
+    for protocol in ("reference", "cpu"):
+        rs = [r for r in records if r["protocol"] == protocol]
+        log(f"{protocol}: padded tokens per method and seed: random {sum(r['random']['padded'] for r in rs) / 1e6:.1f}M, "
+            f"grouped {sum(r['grouped']['padded'] for r in rs) / 1e6:.1f}M (real {sum(r['random']['real'] for r in rs) / 1e6:.1f}M)")
+    if out_path is not None:
+        write_records(out_path, [dict(r, command=COMMAND) for r in records])
+    return records
+
+
+def _thread_worker(threads: int, steps: int, seed: int = 0) -> float:
+    """Seconds per LoRA training step of MiniLM on a fixed batch (32 x 64 tokens) at `threads` threads."""
+    torch.set_num_threads(threads)
+    helpers.setup(seed)
+    torch.set_num_threads(threads)
+    model, _ = build_model("lora", "SST-2", torch.device("cpu"), seed)
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-5)
+    batch = speed_batch(32, 64, torch.device("cpu"), seed)
+    model.train()
+    times = []
+    for i in range(steps + 2):
+        t0 = time.perf_counter()
+        model(**batch).loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        if i >= 2:
+            times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def run_threads(out_path=None, steps=12, rounds=3, log=print) -> dict:
+    """Throughput of one 2-thread process against two 1-thread processes running at once (the grid's
+    choice), alternated `rounds` times; each process pins its threads through OMP_NUM_THREADS."""
+    import subprocess
+    code = ("import sys; sys.path[:0] = [{!r}, {!r}]; import benchmark as b; "
+            "print(b._thread_worker({}, {}))")
+    def launch(threads):
+        env = dict(os.environ, OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads))
+        return subprocess.Popen([sys.executable, "-c", code.format(str(HERE), str(REPO), threads, steps)],
+                                env=env, stdout=subprocess.PIPE, text=True)
+    one, two = [], []
+    for r in range(rounds):
+        p = launch(2)
+        one.append(1 / float(p.communicate()[0].split()[-1]))
+        ps = [launch(1), launch(1)]
+        two.append(sum(1 / float(q.communicate()[0].split()[-1]) for q in ps))
+        log(f"round {r + 1}/{rounds}: one 2-thread process {one[-1]:.2f} steps/s, two 1-thread processes {two[-1]:.2f} steps/s")
+    rec = dict(one_process_2_threads_steps_per_s=statistics.median(one),
+               two_processes_1_thread_steps_per_s=statistics.median(two), rounds=rounds, steps=steps,
+               batch="32 x 64 tokens, MiniLM + LoRA r=8, forward + backward + AdamW", **device_info("cpu"))
+    rec["ratio"] = rec["two_processes_1_thread_steps_per_s"] / rec["one_process_2_threads_steps_per_s"]
+    log(f"two 1-thread processes / one 2-thread process: {rec['ratio']:.2f}x the throughput")
+    if out_path is not None:
+        write_records(out_path, [rec])
+    return rec
+
+
 # ------------------------------------------------------------------------------------------------
 # Speed
 
@@ -1250,6 +1331,11 @@ def _main(argv=None):
     q.add_argument("--override", default=None, help="JSON of grid_settings overrides (smoke tests only)")
     q = sub.add_parser("lr-table", help="the learning-rate search's table and choice")
     q = sub.add_parser("readme-results", help="print the README's Results section from the result files")
+    q = sub.add_parser("padding", help="padded tokens: random vs length-grouped batches")
+    q.add_argument("--out", required=True)
+    q = sub.add_parser("threads", help="one 2-thread process vs two 1-thread processes")
+    q.add_argument("--out", required=True)
+    q.add_argument("--rounds", type=int, default=3)
     q = sub.add_parser("plan")
     q.add_argument("--out", required=True)
     q.add_argument("--tasks", nargs="+", default=list(TASKS))
@@ -1270,6 +1356,13 @@ def _main(argv=None):
         print(format_targets(targets(read_records(glue_path) if glue_path else None,
                                      read_records(speed_path) if speed_path else None,
                                      glue_path.name if glue_path else "", speed_path.name if speed_path else "")))
+        return
+    if a.cmd == "padding":
+        helpers.setup(0)
+        run_padding(a.out)
+        return
+    if a.cmd == "threads":
+        run_threads(a.out, rounds=a.rounds)
         return
     if a.cmd == "readme-results":
         print(results_markdown(), end="")
