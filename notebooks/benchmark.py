@@ -544,8 +544,9 @@ def run_job(job, device="cpu", log=print, **override) -> dict:
 
 
 def _running_elsewhere() -> set[str]:
-    """Names of the jobs that a `benchmark.py run-one` process on this machine is running now (e.g. left
-    by an earlier cpu-grid parent), read from /proc, so a restarted parent never starts them twice."""
+    """Names of the jobs that a `benchmark.py run-one` process on this machine is running now for the same
+    results folder (e.g. left by an earlier cpu-grid parent), read from /proc, so a restarted parent never
+    starts them twice."""
     names = set()
     for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
         try:
@@ -555,6 +556,8 @@ def _running_elsewhere() -> set[str]:
         if "run-one" not in argv or not any(a.endswith("benchmark.py") for a in argv):
             continue
         opt = {k: v for k, v in zip(argv, argv[1:]) if k.startswith("--")}
+        if Path(opt.get("--results-dir", str(RESULTS))).resolve() != GLUE_CPU.parent.resolve():
+            continue                               # a grid writing to other files (a test, a smoke run)
         try:
             job = dict(kind=opt["--kind"], task=helpers.task_name(opt["--task"]), method=opt["--method"],
                        seed=int(opt["--seed"]), lr_factor=float(opt["--lr-factor"]) if "--lr-factor" in opt else None)
@@ -1160,11 +1163,11 @@ def targets(glue_records=None, speed_records=None, glue_source="", speed_source=
             x = s[a]["step_ms"] / s[b]["step_ms"]
             value = f"{s[a]['step_ms']:.2f} / {s[b]['step_ms']:.2f} ms = {x:.2f}x"
             if all(k in s[n] for n in (a, b) for k in ("p10_ms", "p90_ms")):
-                # the p10-p90 range of a, scaled by the limit, overlaps b's: the verdict is within noise
+                # a's p10-p90 range overlaps limit x b's: the verdict is within the timing noise
                 lo_a, hi_a = s[a]["p10_ms"], s[a]["p90_ms"]
                 lo_b, hi_b = limit * s[b]["p10_ms"], limit * s[b]["p90_ms"]
                 if lo_a <= hi_b and lo_b <= hi_a:
-                    value += " (p10-p90 ranges overlap: within noise)"
+                    value += f" (verdict within noise: the p10-p90 ranges of both, the second x {limit:g}, overlap)"
             row(target, value, x <= limit, speed_source)
         else:
             row(target, "-", None, speed_source)
@@ -1186,12 +1189,10 @@ def format_targets(rows) -> str:
     return "\n".join(f"{r['target']:{w}s}  {r['status']:16s}  {r['value']}  [{r['source']}]" for r in rows)
 
 
-# HF PEFT on this MiniLM, same data, batch 32, length 128, seed 0, best dev epoch, fp32, one H100.
-PEFT_ANCHOR = {"CoLA": {"peft_lora": 0.288, "peft_vera": None},
-               "SST-2": {"peft_lora": 0.872, "peft_vera": 0.870},
-               "MRPC": {"peft_lora": 0.868, "peft_vera": 0.870},
-               "RTE": {"peft_lora": 0.643, "peft_vera": 0.578},
-               "STS-B": {"peft_lora": 0.869, "peft_vera": 0.861}}
+# HF PEFT on this MiniLM, same data, batch 32, length 128, seed 0, best dev epoch, fp32, one H100: a reference
+# for scale (results/peft_reference_h100.json says how it was made).
+PEFT_REFERENCE = json.loads((RESULTS / "peft_reference_h100.json").read_text())
+PEFT_ANCHOR = {r["task"]: {"peft_lora": r["peft_lora"], "peft_vera": r["peft_vera"]} for r in PEFT_REFERENCE["records"]}
 
 
 def accuracy_table(records, anchor=True) -> str:
