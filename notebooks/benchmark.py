@@ -1251,6 +1251,33 @@ def results_markdown() -> str:
         if "freezer_overhead" in speed:
             fz = speed["freezer_overhead"]
             out += ["", f"AFLoRA's freezer adds {fz['step_ms']:.1f} ms per step ({fz['pct_of_step']:.2f}% of a step)."]
+    pad, thr, plan = read_records(RESULTS / "padding_cpu.json"), read_records(RESULTS / "threads_cpu.json"), \
+        read_records(PLAN_CPU)
+    choices = []
+    if pad:
+        for protocol in ("reference", "cpu"):
+            rs = [r for r in pad if r["protocol"] == protocol]
+            choices.append(f"- Batches grouped by length: {sum(r['random']['padded'] for r in rs) / 1e6:.1f}M padded tokens "
+                           f"per method and seed with random batches, {sum(r['grouped']['padded'] for r in rs) / 1e6:.1f}M "
+                           f"grouped ({sum(r['random']['real'] for r in rs) / 1e6:.1f}M real), {protocol} protocol "
+                           "([`padding_cpu.json`](notebooks/results/padding_cpu.json), `benchmark.py padding`). Used.")
+    if thr:
+        choices.append(f"- Two 1-thread processes give {thr[0]['ratio']:.2f}x the training throughput of one 2-thread "
+                       "process ([`threads_cpu.json`](notebooks/results/threads_cpu.json), `benchmark.py threads`): "
+                       "the grid runs two 1-thread workers.")
+    if plan:
+        def total(kind):
+            return sum(r["steps"] / r["epochs"] * CPU_EPOCHS[r["task"]] * r["step_ms"] for r in plan
+                       if r["autocast"] == kind)
+        choices.append(f"- bf16 autocast: the plan's step times put a bf16 grid at {total('bf16') / total('fp32'):.2f}x the "
+                       "fp32 time ([`grid_plan_cpu.json`](notebooks/results/grid_plan_cpu.json)); not used: the "
+                       "3-seed check that bf16 matches fp32 within seed noise would cost about as much as it saves "
+                       "at this grid's size, so the grid stays fp32.")
+    if "elora1024" in speed and "elora1024_token" in speed:
+        choices.append(f"- ELoRA's weight path: {speed['elora1024_token']['step_ms'] / speed['elora1024']['step_ms']:.2f}x "
+                       "faster steps than the token path at r = 1024 (the step-time table above). Used (`path='auto'`).")
+    if choices:
+        out += ["", "**What makes a CPU step cheaper**, each kept only if a side-by-side measurement says it pays:", ""] + choices
     if search:
         out += ["", "**Learning rates** ([`lr_search_cpu.json`](notebooks/results/lr_search_cpu.json), held-out "
                 "10% of the training split, seed 0; the factor with the best mean is used on every task):", "",

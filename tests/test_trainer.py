@@ -49,6 +49,8 @@ def mean_over_the_accumulated_batch(outputs, labels, num_items_in_batch=None):
     """Cross-entropy summed over a micro-batch / the examples of the whole optimizer step, so the
     accumulated gradient is that of the mean over the step's batch (whatever the transformers version
     does with the model's own loss under accumulation)."""
+    if num_items_in_batch is None:    # older transformers (4.46): the mean, divided by the accumulation for us
+        return torch.nn.functional.cross_entropy(outputs.logits, labels)
     return torch.nn.functional.cross_entropy(outputs.logits, labels, reduction="sum") / num_items_in_batch
 
 
@@ -82,28 +84,45 @@ def test_one_freezer_step_per_optimizer_step_and_everything_frozen_by_T_minus_tf
     assert all(not p.requires_grad for p in freezer.params.values())
 
 
-def test_callback_and_hand_written_loop_freeze_the_same_matrices_at_the_same_steps(tmp_path):
-    seen = []
-    _, by_trainer, _ = run_trainer(tmp_path, seen=seen)
-    data = dataset()
-    batches = [{k: torch.stack([ex[k] for ex in data[i * BATCH:(i + 1) * BATCH]]) for k in data[0]}
-               for i in range(T * ACCUM)]
-    assert len(seen) == len(batches) and all(torch.equal(a["input_ids"], b["input_ids"]) for a, b in zip(seen, batches))
+def hand_written_run(batches, scale):
+    """The same point as helpers.train: accumulate, clip, freezer.step(), optimizer step."""
     model = tiny_bert()
     freezer = am.AFLoRAFreezer(model, total_steps=T, t_init=T_INIT, t_final=T_FINAL, window=2)
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2, weight_decay=0.0)
     freezer.optimizer = opt
     model.train()
-    for step in range(T):                      # the same point as helpers.train: clip, freezer, step
+    for step in range(T):
         for micro in range(ACCUM):
             batch = batches[step * ACCUM + micro]
             logits = model(input_ids=batch["input_ids"]).logits
-            (torch.nn.functional.cross_entropy(logits, batch["labels"], reduction="sum") / (ACCUM * BATCH)).backward()
+            (torch.nn.functional.cross_entropy(logits, batch["labels"]) * scale).backward()
         torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.grad is not None], 1.0)
         freezer.step()
         opt.step()
         opt.zero_grad()
-    assert freezer.frozen_at == by_trainer.frozen_at
+    freezer.remove()
+    return model, freezer
+
+
+def test_callback_and_hand_written_loop_freeze_the_same_matrices_at_the_same_steps(tmp_path):
+    seen = []
+    trained, by_trainer, _ = run_trainer(tmp_path, seen=seen)
+    data = dataset()
+    batches = [{k: torch.stack([ex[k] for ex in data[i * BATCH:(i + 1) * BATCH]]) for k in data[0]}
+               for i in range(T * ACCUM)]
+    assert len(seen) == len(batches) and all(torch.equal(a["input_ids"], b["input_ids"]) for a, b in zip(seen, batches))
+    # How a micro-batch's loss is scaled under accumulation has changed across transformers releases
+    # (the mean over the step's batch, or the sum of the micro-batch means): the hand-written loop that
+    # reproduces the Trainer's adapters is the one doing the same arithmetic, and it must freeze alike.
+    target = adapters(trained)
+    matches = []
+    for scale in (1 / ACCUM, 1.0):
+        model, freezer = hand_written_run(batches, scale)
+        got = adapters(model)
+        if all(torch.allclose(got[k], target[k], rtol=1e-4, atol=1e-6) for k in target):
+            matches.append(freezer)
+    assert len(matches) == 1, "no (or more than one) loss scaling reproduces the Trainer run"
+    assert matches[0].frozen_at == by_trainer.frozen_at
 
 
 def test_resume_from_a_trainer_checkpoint_gives_the_uninterrupted_run(tmp_path):
