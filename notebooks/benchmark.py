@@ -597,7 +597,9 @@ def run_cpu_grid(workers=2, seeds=(0, 1, 2), methods=METHODS, tasks=TASKS, poll_
     WORK.mkdir(parents=True, exist_ok=True)
     env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", PYTHONUNBUFFERED="1")
     running, failed, start, last_report = {}, set(), time.time(), 0.0
-    ratios = []                                  # measured wall / planned estimate of finished jobs
+    ratios = [(r.get("cpu_s") or r["wall_s"]) / _estimate_s(j, plan)   # measured / planned, finished jobs
+              for j in jobs for r in read_records(_job_out(j))[-40:]
+              if _job_done(j, [r]) and _estimate_s(j, plan) and not r.get("resumed_from_epoch")]
 
     def records():                  # each record carries its kind: lr_search or grid
         return read_records(LR_SEARCH_CPU) + read_records(GLUE_CPU)
@@ -624,7 +626,7 @@ def run_cpu_grid(workers=2, seeds=(0, 1, 2), methods=METHODS, tasks=TASKS, poll_
                 rec = next(r for r in read_records(_job_out(job))[::-1] if _job_done(job, [r]))
                 est = _estimate_s(job, plan)
                 if est and not rec.get("resumed_from_epoch"):
-                    ratios.append(rec["wall_s"] / est)
+                    ratios.append((rec.get("cpu_s") or rec["wall_s"]) / est)   # CPU time: pauses don't count
                 log(f"done {name}: best {rec['metric']} {rec['best']:.4f}, last {rec['last']:.4f}, "
                     f"{rec['steps']} steps, wall {rec['wall_s'] / 60:.1f} min")
         recs = records()
@@ -650,15 +652,6 @@ def run_cpu_grid(workers=2, seeds=(0, 1, 2), methods=METHODS, tasks=TASKS, poll_
                                     stderr=subprocess.STDOUT, env=env, cwd=str(REPO))
             running[proc] = (job, time.time(), fh)
             log(f"start {name}")
-        if not running and elsewhere:              # only jobs of an earlier parent are left running
-            time.sleep(poll_s)
-            continue
-        if not running:
-            if todo:
-                log(f"stopped: {len(todo)} jobs left, none can start ({len(failed)} failed)")
-            else:
-                log("cpu grid complete")
-            return not todo
         now = time.time()
         if now - last_report >= report_s:
             last_report = now
@@ -669,8 +662,17 @@ def run_cpu_grid(workers=2, seeds=(0, 1, 2), methods=METHODS, tasks=TASKS, poll_
             eta = max(0.0, sum(ests)) / workers
             n_done = len(jobs) - len(todo)
             log(f"[{time.strftime('%H:%M')}] {n_done}/{len(jobs)} jobs done, running: "
-                f"{', '.join(sorted(active)) or '-'}; elapsed {(now - start) / 3600:.2f} h, "
-                f"ETA {eta / 3600:.1f} h (plan x {c:.2f})")
+                f"{', '.join(sorted(active | elsewhere)) or '-'}; elapsed {(now - start) / 3600:.2f} h, "
+                f"ETA {eta / 3600:.1f} h on a quiet machine (CPU time = plan x {c:.2f})")
+        if not running and elsewhere:              # only jobs of an earlier parent are left running
+            time.sleep(poll_s)
+            continue
+        if not running:
+            if todo:
+                log(f"stopped: {len(todo)} jobs left, none can start ({len(failed)} failed)")
+            else:
+                log("cpu grid complete")
+            return not todo
         time.sleep(poll_s)
 
 
