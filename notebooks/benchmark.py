@@ -1234,7 +1234,7 @@ def results_markdown() -> str:
     grid = [r for r in read_records(GLUE_CPU) if r.get("kind") == "grid"]
     speed = {r["name"]: r for r in read_records(RESULTS / "speed_cpu.json")}
     out = [f"Status: {len(grid)} of 45 grid runs and {len(search)} of 18 learning-rate search runs are in "
-           "the results files" + (" (the grid is still running; this section is regenerated as it fills in)."
+           "the results files" + (" (the grid is unfinished: the same command resumes it, and this section is regenerated as it fills in)."
                                   if len(grid) < 45 else ".")]
     if speed:
         r0 = next(iter(speed.values()))
