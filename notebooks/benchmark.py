@@ -1,5 +1,6 @@
 r"""The benchmark behind notebooks/04_benchmark.ipynb: LoRA vs ELoRA vs AFLoRA (and HF PEFT) on MiniLM,
-measured on the CPU machine the project is built on (the same commands run unchanged on a GPU).
+measured on the CPU machine the project is built on. `speed`, `plan` and `glue` use CUDA when there is
+one; `cpu-grid` is written for this CPU (one-thread worker processes) and trains on the CPU.
 
   plan           what would the grid cost here? Step times on real length-grouped batches of every
                  task and method, times the steps: results/grid_plan_cpu.json. It set the CPU protocol.
@@ -504,17 +505,19 @@ def choose_lr_factors(records, methods=METHODS) -> dict:
 def lr_search_table(records) -> str:
     """The search's table: held-out score per method, factor and task, the mean, and the choice."""
     chosen = choose_lr_factors(records)
-    lines = [f"{'method':8s} {'factor':>7s} {'SST-2 lr':>11s} {'head lr':>8s} " +
+    lines = [f"{'method':8s} {'factor':>7s} " + "".join(f"{t + ' lr':>11s}" for t in LR_SEARCH_TASKS) +
+             f" {'head lr':>8s} " +
              "".join(f"{t:>9s}" for t in LR_SEARCH_TASKS) + f"{'mean':>9s}  chosen"]
     for m in METHODS:
         for f in LR_FACTORS:
             rs = {r["task"]: r for r in records if r["method"] == m and math.isclose(r["lr_factor"], f)}
             if not rs:
                 continue
-            lr, head = learning_rates(m, LR_SEARCH_TASKS[0], f)
+            lrs = "".join(f"{learning_rates(m, t, f)[0]:11.2e}" for t in LR_SEARCH_TASKS)
+            head = learning_rates(m, LR_SEARCH_TASKS[0], f)[1]
             vals = [rs[t]["best"] if t in rs else None for t in LR_SEARCH_TASKS]
             mean = statistics.mean(vals) if None not in vals else None
-            lines.append(f"{m:8s} {f:7.3g} {lr:11.2e} {head:8.1e} " +
+            lines.append(f"{m:8s} {f:7.3g} {lrs} {head:8.1e} " +
                          "".join(f"{'-' if v is None else f'{v:.4f}':>9s}" for v in vals) +
                          f"{'-' if mean is None else f'{mean:.4f}':>9s}  {'<-' if chosen.get(m) == f else ''}".rstrip())
     return "\n".join(lines)
@@ -775,6 +778,56 @@ def run_padding(out_path=None, log=print) -> list[dict]:
         rs = [r for r in records if r["protocol"] == protocol]
         log(f"{protocol}: padded tokens per method and seed: random {sum(r['random']['padded'] for r in rs) / 1e6:.1f}M, "
             f"grouped {sum(r['grouped']['padded'] for r in rs) / 1e6:.1f}M (real {sum(r['random']['real'] for r in rs) / 1e6:.1f}M)")
+    if out_path is not None:
+        write_records(out_path, [dict(r, command=COMMAND) for r in records])
+    return records
+
+
+def run_paths(out_path=None, seeds=(0, 1, 2), log=print) -> list[dict]:
+    """Which path ELoRA's `path="auto"` took in the grid's training steps. For every training batch of
+    the CPU protocol (length-grouped, batch 32, length 128, each seed's order), each ELoRA r=1024 layer
+    of MiniLM asks `choose_path` (the library's own rule, fp32), so the shares are exact, not modelled:
+    the share of layer-steps on the weight path, and the token threshold per layer shape."""
+    model, tok = build_model("elora", "SST-2", torch.device("cpu"))
+    layers = {n: m for n, m in model.named_modules() if isinstance(m, am.ELoRALinear)}
+    shapes = sorted({(m.in_features, m.out_features) for m in layers.values()})
+    per_shape = {sh: [m for m in layers.values() if (m.in_features, m.out_features) == sh][0] for sh in shapes}
+    count = {sh: sum((m.in_features, m.out_features) == sh for m in layers.values()) for sh in shapes}
+    cache = {}
+
+    def path(sh, n):                                     # one (n, in) input of n tokens
+        if (sh, n) not in cache:
+            cache[sh, n] = per_shape[sh].choose_path(torch.empty(n, sh[0]))
+        return cache[sh, n]
+
+    threshold = {sh: next(n for n in range(1, 1 << 16) if path(sh, n) == "weight") for sh in shapes}
+    records = []
+    for task in TASKS:
+        train = helpers.load_glue(task, "train")
+        weight = {sh: 0 for sh in shapes}
+        steps = 0
+        for seed in seeds:
+            loader = helpers.make_loader(tok, train, 32, 128, shuffle=True, seed=seed, group_by_length=True)
+            done = 0
+            for _ in range(CPU_EPOCHS[task]):
+                for batch in loader:
+                    if done >= CPU_MAX_STEPS.get(task, math.inf):
+                        break
+                    n = batch["input_ids"].numel()
+                    for sh in shapes:
+                        weight[sh] += path(sh, n) == "weight"
+                    done += 1
+            steps += done
+        layer_steps = sum(count.values()) * steps
+        rec = dict(task=task, seeds=list(seeds), steps=steps, layers=sum(count.values()),
+                   shapes={f"{i}x{o}": dict(layers=count[(i, o)], weight_from_tokens=threshold[(i, o)],
+                                            weight_steps=weight[(i, o)]) for i, o in shapes},
+                   weight_share=sum(weight[sh] * count[sh] for sh in shapes) / layer_steps)
+        records.append(rec)
+        log(f"{task:6s} {steps} steps over {len(seeds)} seeds: {100 * rec['weight_share']:.0f}% of ELoRA's "
+            "layer-steps on the weight path (" + ", ".join(f"{k}: {v['weight_steps'] / steps:.0%} of steps, from "
+                                                           f"{v['weight_from_tokens']} tokens"
+                                                           for k, v in rec["shapes"].items()) + ")")
     if out_path is not None:
         write_records(out_path, [dict(r, command=COMMAND) for r in records])
     return records
@@ -1262,27 +1315,42 @@ def results_markdown() -> str:
             choices.append(f"- Batches grouped by length: {sum(r['random']['padded'] for r in rs) / 1e6:.1f}M padded tokens "
                            f"per method and seed with random batches, {sum(r['grouped']['padded'] for r in rs) / 1e6:.1f}M "
                            f"grouped ({sum(r['random']['real'] for r in rs) / 1e6:.1f}M real), {protocol} protocol "
-                           "([`padding_cpu.json`](notebooks/results/padding_cpu.json), `benchmark.py padding`). Used.")
+                           "([`padding_cpu.json`](notebooks/results/padding_cpu.json), "
+                           "`benchmark.py padding --out notebooks/results/padding_cpu.json`). Used.")
     if thr:
         choices.append(f"- Two 1-thread processes give {thr[0]['ratio']:.2f}x the training throughput of one 2-thread "
-                       "process ([`threads_cpu.json`](notebooks/results/threads_cpu.json), `benchmark.py threads`): "
+                       "process ([`threads_cpu.json`](notebooks/results/threads_cpu.json), "
+                       "`benchmark.py threads --out notebooks/results/threads_cpu.json`): "
                        "the grid runs two 1-thread workers.")
     if plan:
         def total(kind):
-            return sum(r["steps"] / r["epochs"] * CPU_EPOCHS[r["task"]] * r["step_ms"] for r in plan
-                       if r["autocast"] == kind)
+            return sum(min(r["steps"] / r["epochs"] * CPU_EPOCHS[r["task"]], CPU_MAX_STEPS.get(r["task"], math.inf))
+                       * r["step_ms"] for r in plan if r["autocast"] == kind)
         choices.append(f"- bf16 autocast: the plan's step times put a bf16 grid at {total('bf16') / total('fp32'):.2f}x the "
                        "fp32 time ([`grid_plan_cpu.json`](notebooks/results/grid_plan_cpu.json)); not used: the "
                        "3-seed check that bf16 matches fp32 within seed noise would cost about as much as it saves "
                        "at this grid's size, so the grid stays fp32.")
     if "elora1024" in speed and "elora1024_token" in speed:
-        choices.append(f"- ELoRA's weight path: {speed['elora1024_token']['step_ms'] / speed['elora1024']['step_ms']:.2f}x "
-                       "faster steps than the token path at r = 1024 (the step-time table above). Used (`path='auto'`).")
+        r0 = speed["elora1024"]
+        line = (f"- ELoRA's weight path: {speed['elora1024_token']['step_ms'] / r0['step_ms']:.2f}x faster steps than "
+                f"the token path at r = 1024 on batches of {r0['batch']} x {r0['length']} tokens (the step-time table "
+                "above). Used (`path='auto'`), which takes it only where the library's cost rule says it pays")
+        paths = read_records(RESULTS / "elora_paths_cpu.json")
+        if paths:
+            sh = paths[0]["shapes"]
+            share = sum(r["weight_share"] * r["steps"] for r in paths) / sum(r["steps"] for r in paths)
+            line += (": on batches of more than " + " / ".join(f"{v['weight_from_tokens'] - 1} ({k})" for k, v in sh.items())
+                     + f" tokens. In the grid's training batches that is {share:.0%} of ELoRA's layer-steps ("
+                     + ", ".join(f"{r['task']} {r['weight_share']:.0%}" for r in paths) + "; the rest take the token "
+                     "path; [`elora_paths_cpu.json`](notebooks/results/elora_paths_cpu.json), "
+                     "`benchmark.py paths --out notebooks/results/elora_paths_cpu.json`)")
+        choices.append(line + ".")
     if choices:
         out += ["", "**What makes a CPU step cheaper**, each kept only if a side-by-side measurement says it pays:", ""] + choices
     if search:
         out += ["", "**Learning rates** ([`lr_search_cpu.json`](notebooks/results/lr_search_cpu.json), held-out "
-                "10% of the training split, seed 0; the factor with the best mean is used on every task):", "",
+                "10% of the training split (drawn once with seed 1234), training seed 0; the factor with the best mean "
+                "is used on every task; the head's rate is scaled by the same factor):", "",
                 "```text", lr_search_table(search), "```"]
     if grid:
         fair = complete_tasks(grid)
@@ -1294,7 +1362,8 @@ def results_markdown() -> str:
             for m in METHODS:
                 v = [r["best"] for r in grid if r["task"] == t and r["method"] == m]
                 sd = statistics.stdev(v) if len(v) > 1 else 0.0
-                cells.append(f"{statistics.mean(v):.3f} ± {sd:.3f} ({len(v)})" if v else "pending")
+                cells.append(("pending" if not v else f"{v[0]:.3f} (1)" if len(v) == 1 else
+                              f"{statistics.mean(v):.3f} ± {sd:.3f} ({len(v)})"))
             out.append(f"| {t} ({helpers.TASKS[t]['metric']}) | " + " | ".join(cells) + " |")
         if fair:
             g = summarize_glue([r for r in grid if r["task"] in fair])
@@ -1303,14 +1372,26 @@ def results_markdown() -> str:
             out.append("| time-averaged trainable params | " + " | ".join(
                 f"{g[m]['params']:,.0f}" if m in g else "-" for m in METHODS) + " |")
     rows = {r["target"]: r for r in targets(grid, list(speed.values()), "glue_cpu.json", "speed_cpu.json")}
-    verdict = {"met": "holds", "missed": "does not hold", "not measured yet": "is not measured yet"}
     acc = rows["AFLoRA mean >= LoRA mean, with >= 5x fewer time-averaged params"]
     run = rows["AFLoRA whole-run time <= 0.6x ELoRA's"]
+    final = len(grid) >= 45
+
+    def verdict(r, how=""):
+        if r["status"] == "not measured yet":
+            return "not measured yet."
+        return ("holds" if r["status"] == "met" else "does not hold") + ("" if final else " so far") + \
+            f" ({r['value']}{how})."
     out += ["", "**The paper's claims on MiniLM** (computed from the files above):", "",
-            f"- AFLoRA matches or beats LoRA with >= 5x fewer time-averaged parameters (paper: +0.85 points, 9.5x "
-            f"fewer): {verdict[acc['status']]} so far ({acc['value']}).",
-            f"- An AFLoRA run takes <= 0.6x of an ELoRA run (paper: 0.54x): {verdict[run['status']]} so far "
-            f"({run['value']}; process CPU time of paired runs)."]
+            "- AFLoRA matches or beats LoRA with >= 5x fewer time-averaged parameters (paper: +0.85 points, 9.5x "
+            "fewer): " + verdict(acc),
+            "- An AFLoRA run takes <= 0.6x of an ELoRA run (paper: 0.54x): "
+            + verdict(run, "; process CPU time of paired runs, against ELoRA with `path='auto'`")]
+    pw = _paired_walls(grid, "aflora", "elora")
+    if pw and "elora1024" in speed and "elora1024_token" in speed:
+        k = speed["elora1024_token"]["step_ms"] / speed["elora1024"]["step_ms"]
+        out.append(f"  Against an ELoRA on the token path everywhere (as PEFT's VeRA and the authors' code run it): "
+                   f"between {pw[0] / (pw[1] * k):.2f}x and {pw[0] / pw[1]:.2f}x (bounds: ELoRA's time x {k:.2f}, "
+                   "the step-time ratio of the two paths at 32 x 128 tokens, and x 1).")
     return "\n".join(out) + "\n"
 
 
@@ -1363,6 +1444,8 @@ def _main(argv=None):
     q = sub.add_parser("readme-results", help="print the README's Results section from the result files")
     q = sub.add_parser("padding", help="padded tokens: random vs length-grouped batches")
     q.add_argument("--out", required=True)
+    q = sub.add_parser("paths", help="the share of ELoRA's layer-steps on each path in the grid's batches")
+    q.add_argument("--out", required=True)
     q = sub.add_parser("threads", help="one 2-thread process vs two 1-thread processes")
     q.add_argument("--out", required=True)
     q.add_argument("--rounds", type=int, default=3)
@@ -1390,6 +1473,10 @@ def _main(argv=None):
     if a.cmd == "padding":
         helpers.setup(0)
         run_padding(a.out)
+        return
+    if a.cmd == "paths":
+        helpers.setup(0)
+        run_paths(a.out)
         return
     if a.cmd == "threads":
         run_threads(a.out, rounds=a.rounds)
