@@ -1244,6 +1244,15 @@ def format_targets(rows) -> str:
     return "\n".join(f"{r['target']:{w}s}  {r['status']:16s}  {r['value']}  [{r['source']}]" for r in rows)
 
 
+# The paper (Liu et al., ACL 2024, arXiv 2403.13269), Table 1: DeBERTaV3-base, GLUE dev sets.
+PAPER = {  # method: (trainable params, {task: score}, average over its 8 GLUE tasks)
+    "lora":   ("1.33M", {"CoLA": 69.73, "SST-2": 95.57, "MRPC": 89.71, "STS-B": 91.86, "RTE": 85.32}, 88.38),
+    "elora":  ("0.16M", {"CoLA": 70.74, "SST-2": 95.18, "MRPC": 90.93, "STS-B": 91.08, "RTE": 87.36}, 88.53),
+    "aflora": ("0.14M", {"CoLA": 72.01, "SST-2": 96.22, "MRPC": 91.91, "STS-B": 91.84, "RTE": 88.09}, 89.23),
+}   # AFLoRA's count is time-averaged over training
+PAPER_RUNTIME = {"aflora": 0.54, "lora": 0.65, "elora": 1.00}   # whole run, normalised to ELoRA
+
+
 # HF PEFT on this MiniLM, same data, batch 32, length 128, seed 0, best dev epoch, fp32, one H100: a reference
 # for scale (results/peft_reference_h100.json says how it was made).
 PEFT_REFERENCE = json.loads((RESULTS / "peft_reference_h100.json").read_text())
@@ -1355,8 +1364,14 @@ def results_markdown() -> str:
     if grid:
         fair = complete_tasks(grid)
         out += ["", "**Accuracy** ([`glue_cpu.json`](notebooks/results/glue_cpu.json), best dev epoch, mean ± sd "
-                "over seeds (n); `python notebooks/benchmark.py cpu-grid --workers 2`):", "",
-                "| task | " + " | ".join(METHOD_LABELS[m] for m in METHODS) + " |", "|---" * (len(METHODS) + 1) + "|"]
+                "over seeds (n); `python notebooks/benchmark.py cpu-grid --workers 2`), with the paper's numbers "
+                "(DeBERTaV3-base, its Table 1, in points: 100 x our scale) beside them for scale, not for a "
+                "like-for-like comparison:", "",
+                "| task | " + " | ".join(METHOD_LABELS[m] for m in METHODS) + " | paper: " +
+                " / ".join(METHOD_LABELS[m].split()[0] for m in METHODS) + " |", "|---" * (len(METHODS) + 2) + "|"]
+
+        def paper(values):
+            return " / ".join(values) + " |"
         for t in TASKS:
             cells = []
             for m in METHODS:
@@ -1364,13 +1379,21 @@ def results_markdown() -> str:
                 sd = statistics.stdev(v) if len(v) > 1 else 0.0
                 cells.append(("pending" if not v else f"{v[0]:.3f} (1)" if len(v) == 1 else
                               f"{statistics.mean(v):.3f} ± {sd:.3f} ({len(v)})"))
-            out.append(f"| {t} ({helpers.TASKS[t]['metric']}) | " + " | ".join(cells) + " |")
+            out.append(f"| {t} ({helpers.TASKS[t]['metric']}) | " + " | ".join(cells) + " | "
+                       + paper(f"{PAPER[m][1][t]:.1f}" for m in METHODS))
         if fair:
             g = summarize_glue([r for r in grid if r["task"] in fair])
             out.append(f"| mean over {', '.join(fair)} | " + " | ".join(
-                f"{g[m]['mean']:.3f}" if m in g and g[m]['mean'] is not None else "-" for m in METHODS) + " |")
+                f"{g[m]['mean']:.3f}" if m in g and g[m]['mean'] is not None else "-" for m in METHODS) + " | "
+                + paper(f"{statistics.mean(PAPER[m][1][t] for t in fair):.1f}" for m in METHODS))
             out.append("| time-averaged trainable params | " + " | ".join(
-                f"{g[m]['params']:,.0f}" if m in g else "-" for m in METHODS) + " |")
+                f"{g[m]['params']:,.0f}" if m in g else "-" for m in METHODS) + " | "
+                + paper(PAPER[m][0] for m in METHODS))
+            hours = {m: sum(_run_time(r) for r in grid if r["task"] in fair and r["method"] == m) / 3600
+                     for m in METHODS}
+            out.append(f"| whole-run CPU time over these tasks, h (vs ELoRA) | " + " | ".join(
+                f"{hours[m]:.2f} ({hours[m] / hours['elora']:.2f}x)" for m in METHODS) + " | "
+                + paper(f"({PAPER_RUNTIME[m]:.2f}x)" for m in METHODS))
     rows = {r["target"]: r for r in targets(grid, list(speed.values()), "glue_cpu.json", "speed_cpu.json")}
     acc = rows["AFLoRA mean >= LoRA mean, with >= 5x fewer time-averaged params"]
     run = rows["AFLoRA whole-run time <= 0.6x ELoRA's"]
