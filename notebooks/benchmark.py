@@ -789,10 +789,12 @@ def run_paths(out_path=None, seeds=(0, 1, 2), log=print) -> list[dict]:
     of MiniLM asks `choose_path` (the library's own rule, fp32), so the shares are exact, not modelled:
     the share of layer-steps on the weight path, and the token threshold per layer shape."""
     model, tok = build_model("elora", "SST-2", torch.device("cpu"))
-    layers = {n: m for n, m in model.named_modules() if isinstance(m, am.ELoRALinear)}
-    shapes = sorted({(m.in_features, m.out_features) for m in layers.values()})
-    per_shape = {sh: [m for m in layers.values() if (m.in_features, m.out_features) == sh][0] for sh in shapes}
-    count = {sh: sum((m.in_features, m.out_features) == sh for m in layers.values()) for sh in shapes}
+    per_shape, count = {}, {}                            # (in, out): one layer of that shape, how many
+    for _, m in am.adapter_layers(model):                # every adapter here is an ELoRALinear
+        sh = (m.in_features, m.out_features)
+        per_shape.setdefault(sh, m)
+        count[sh] = count.get(sh, 0) + 1
+    shapes = sorted(per_shape)
     cache = {}
 
     def path(sh, n):                                     # one (n, in) input of n tokens
