@@ -3,7 +3,7 @@ plain PyTorch training loop. The adapters themselves live in ``aflora_min.py``; 
 specific to LoRA, ELoRA or AFLoRA.
 
 Environment variables:
-  AFLORA_MODE      "fast" (small slices, few steps: CI), "laptop" (a real task in ~10 minutes on 2 CPU
+  AFLORA_MODE      "fast" (small slices, few steps: CI), "laptop" (a real task in 4-8 minutes on 2 CPU
                    cores: the default without a GPU) or "full" (the real schedules: the GPU default).
   AFLORA_THREADS   CPU threads for torch (default: every allowed core, or OMP_NUM_THREADS).
   GLUE_DIR         folder holding <TASK>/train.tsv and dev.tsv; otherwise <repo>/data/glue, which is
@@ -33,7 +33,7 @@ def _parse_mode(value: str | None) -> str:
     """'fast' / 'laptop' / 'full' (case-insensitive); unset or empty -> 'full' on a GPU, else 'laptop'.
 
     fast    a small slice of every section, a few minutes per notebook: what CI runs
-    laptop  each notebook shows its method on a real task in about 10 minutes on 2 CPU cores
+    laptop  each notebook shows its method on a real task in 4 to 8 minutes on 2 CPU cores
     full    the real schedules on whole tasks: meant for a GPU"""
     if value is None or not value.strip():
         return "full" if torch.cuda.is_available() else "laptop"
