@@ -55,6 +55,8 @@ FAST_RESULTS = RESULTS / "fast"            # git-ignored: fast-mode (CI) runs wr
 TARGETS = ("query", "key", "value", "attention.output.dense", "intermediate.dense", "output.dense")
 TASKS = ("CoLA", "SST-2", "MRPC", "RTE", "STS-B")
 METHODS = ("lora", "elora", "aflora")      # the grid's default; peft_lora / peft_vera also accepted
+SEEDS = (0, 1, 2)
+GRID_RUNS = len(TASKS) * len(METHODS) * len(SEEDS)   # 45: the complete grid
 METHOD_LABELS = {"lora": "LoRA r=8", "elora": "ELoRA r=1024", "aflora": "AFLoRA r=4",
                  "peft_lora": "PEFT LoRA r=8", "peft_vera": "PEFT VeRA r=1024"}
 RANKS = {"lora": 8, "elora": 1024, "aflora": 4, "peft_lora": 8, "peft_vera": 1024}
@@ -384,7 +386,7 @@ def train_one(task: str, method: str, seed: int, settings: dict, device, train_e
     return rec
 
 
-def run_glue_grid(tasks=TASKS, methods=METHODS, seeds=(0, 1, 2), mode="full", out_path=None,
+def run_glue_grid(tasks=TASKS, methods=METHODS, seeds=SEEDS, mode="full", out_path=None,
                   device=None, resume=True, max_minutes=None, log=print, **override) -> list[dict]:
     """Train every (task, method, seed) and append one record per run to `out_path` as it finishes.
 
@@ -456,7 +458,7 @@ def set_results_dir(path) -> None:
     GLUE_CPU, LR_SEARCH_CPU, WORK = path / "glue_cpu.json", path / "lr_search_cpu.json", path / "work"
 
 
-def cpu_jobs(seeds=(0, 1, 2), methods=METHODS, tasks=TASKS) -> list[dict]:
+def cpu_jobs(seeds=SEEDS, methods=METHODS, tasks=TASKS) -> list[dict]:
     """Every run of the CPU protocol, in the order they start: the learning-rate search (seed 0, each
     factor of LR_FACTORS, trained on 90% of the training split, scored on the other 10%), then the
     grid seed by seed (so a grid cut short still has whole seeds)."""
@@ -584,7 +586,7 @@ def _estimate_s(job, plan) -> float | None:
     return frac * steps * p["step_ms"] / 1000 + epochs * p["eval_s"]
 
 
-def run_cpu_grid(workers=2, seeds=(0, 1, 2), methods=METHODS, tasks=TASKS, poll_s=10.0, report_s=300.0,
+def run_cpu_grid(workers=2, seeds=SEEDS, methods=METHODS, tasks=TASKS, poll_s=10.0, report_s=300.0,
                  nice=5, log=print, results_dir=None, override=None) -> bool:
     """Run every job of cpu_jobs() not yet in the results files, `workers` at a time, each a 1-thread
     process (`benchmark.py run-one`), logs and checkpoints in results/work/. A grid job waits until
@@ -783,7 +785,7 @@ def run_padding(out_path=None, log=print) -> list[dict]:
     return records
 
 
-def run_paths(out_path=None, seeds=(0, 1, 2), log=print) -> list[dict]:
+def run_paths(out_path=None, seeds=SEEDS, log=print) -> list[dict]:
     """Which path ELoRA's `path="auto"` took in the grid's training steps. For every training batch of
     the CPU protocol (length-grouped, batch 32, length 128, each seed's order), each ELoRA r=1024 layer
     of MiniLM asks `choose_path` (the library's own rule, fp32), so the shares are exact, not modelled:
@@ -1206,12 +1208,12 @@ def targets(glue_records=None, speed_records=None, glue_source="", speed_source=
     else:
         row("AFLoRA whole-run time <= our LoRA's", "-", None, glue_source)
     grid = [r for r in recs if r.get("kind", "grid") == "grid"]
-    if len(grid) >= 45:
+    if len(grid) >= GRID_RUNS:
         hours = sum(_run_time(r) for r in grid) / 3600 / 2
         row("the grid in <= 8 hours of the 2-core machine", f"{hours:.1f} h (CPU time / 2 cores)", hours <= 8,
             glue_source)
     else:
-        row("the grid in <= 8 hours of the 2-core machine", f"{len(grid)} of 45 runs so far", None, glue_source)
+        row("the grid in <= 8 hours of the 2-core machine", f"{len(grid)} of {GRID_RUNS} runs so far", None, glue_source)
 
     s = {r["name"]: r for r in speed_records or []}
 
@@ -1297,9 +1299,9 @@ def results_markdown() -> str:
     search = read_records(LR_SEARCH_CPU)
     grid = [r for r in read_records(GLUE_CPU) if r.get("kind") == "grid"]
     speed = {r["name"]: r for r in read_records(RESULTS / "speed_cpu.json")}
-    out = [f"Status: {len(grid)} of 45 grid runs and {len(search)} of 18 learning-rate search runs are in "
+    out = [f"Status: {len(grid)} of {GRID_RUNS} grid runs and {len(search)} of 18 learning-rate search runs are in "
            "the results files" + (" (the grid is unfinished: the same command resumes it, and this section is regenerated as it fills in)."
-                                  if len(grid) < 45 else ".")]
+                                  if len(grid) < GRID_RUNS else ".")]
     if speed:
         r0 = next(iter(speed.values()))
         out += ["", f"**Step time** ([`speed_cpu.json`](notebooks/results/speed_cpu.json): batch {r0['batch']}, "
@@ -1397,9 +1399,9 @@ def results_markdown() -> str:
                 f"{hours[m]:.2f} ({hours[m] / hours['elora']:.2f}x)" for m in METHODS) + " | "
                 + paper(f"({PAPER_RUNTIME[m]:.2f}x)" for m in METHODS))
         af = [r for r in grid if r["method"] == "aflora" and r.get("frozen_at")]
-        if af:
-            done = [max(r["frozen_at"].values()) / r["steps"] for r in af if None not in r["frozen_at"].values()]
-            f0 = af[0]["freezer"]
+        if af and all(None not in r["frozen_at"].values() for r in af):
+            done = [max(r["frozen_at"].values()) / r["steps"] for r in af]
+            f0 = af[0]["freezer"]                        # t_i, t_f are the same fractions of T on every task
             out += ["", f"AFLoRA's low-rank matrices train only early in a run: in the {len(af)} AFLoRA runs every A and B "
                     f"was frozen after {min(done):.0%} to {max(done):.0%} of the steps (`frozen_at` in the file). The "
                     f"released schedule freezes whatever is left at T - t_f = {1 - f0['t_final'] / f0['total_steps']:.0%} "
@@ -1408,7 +1410,7 @@ def results_markdown() -> str:
     rows = {r["target"]: r for r in targets(grid, list(speed.values()), "glue_cpu.json", "speed_cpu.json")}
     acc = rows["AFLoRA mean >= LoRA mean, with >= 5x fewer time-averaged params"]
     run = rows["AFLoRA whole-run time <= 0.6x ELoRA's"]
-    final = len(grid) >= 45
+    final = len(grid) >= GRID_RUNS
 
     def verdict(r, how=""):
         if r["status"] == "not measured yet":
@@ -1454,7 +1456,7 @@ def _main(argv=None):
         else:
             q.add_argument("--tasks", nargs="+", default=list(TASKS))
             q.add_argument("--methods", nargs="+", default=list(METHODS))
-            q.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
+            q.add_argument("--seeds", nargs="+", type=int, default=list(SEEDS))
             q.add_argument("--mode", choices=("fast", "full"), default="full")
             q.add_argument("--max-minutes", type=float, default=None)
             q.add_argument("--no-resume", action="store_true")
@@ -1462,7 +1464,7 @@ def _main(argv=None):
                 q.add_argument("--" + k.replace("_", "-"), type=int, default=None, dest=k)
     q = sub.add_parser("cpu-grid", help="the learning-rate search, then the CPU grid (resumable)")
     q.add_argument("--workers", type=int, default=2)
-    q.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
+    q.add_argument("--seeds", nargs="+", type=int, default=list(SEEDS))
     q.add_argument("--report-minutes", type=float, default=5.0)
     q = sub.add_parser("run-one", help="one job of the CPU grid (cpu-grid starts these)")
     q.add_argument("--kind", choices=("lr_search", "grid"), required=True)
