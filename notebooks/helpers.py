@@ -431,7 +431,7 @@ def _epoch_counter(loader):
 
 def train(model, train_loader, dev_loader, task, epochs, lr, head_lr=None, weight_decay=0.0,
           warmup_ratio=0.06, clip=1.0, freezer=None, device=None, log_every=None, max_steps=None,
-          autocast=None, checkpoint=None, log=print):
+          autocast=None, checkpoint=None, log=print, warmup_steps=None, probe=None):
     """AdamW + linear warm-up/decay over the trainable parameters; dev evaluation after each epoch.
 
     Two parameter groups: names containing "classifier" at head_lr (default lr), all other trainable
@@ -442,6 +442,9 @@ def train(model, train_loader, dev_loader, task, epochs, lr, head_lr=None, weigh
     state and the freezer stay fp32; evaluation stays fp32.
     checkpoint=path: after every epoch save everything an exact resume needs there (aflora_min's
     save_checkpoint); if the file exists when train() starts, training continues after its epoch.
+    warmup_steps: the warm-up length in steps (default: int(warmup_ratio x total steps)).
+    probe: a callable(step) run after every optimizer step; what it returns (a dict, or None for
+    nothing) is kept in history["probe"] (measurements of the run, e.g. the diagnosis's).
     Returns a history dict: loss (per step), dev (per-epoch metric dicts), best / last (main metric),
     wall_s, cpu_s (this process's CPU time), steps, trainable ((step, trainable non-classifier
     parameters) per step), step_ms (median), resumed_from (epoch, or 0).
@@ -459,10 +462,10 @@ def train(model, train_loader, dev_loader, task, epochs, lr, head_lr=None, weigh
     if freezer is not None and getattr(freezer, "optimizer", True) is None:
         freezer.optimizer = optimizer  # lets the freezer release the state of frozen matrices
     total = epochs * len(train_loader) if max_steps is None else min(max_steps, epochs * len(train_loader))
-    warmup = int(warmup_ratio * total)
+    warmup = int(warmup_ratio * total) if warmup_steps is None else int(warmup_steps)
     schedule = lambda s: s / max(1, warmup) if s < warmup else max(0.0, (total - s) / max(1, total - warmup))
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
-    hist = dict(loss=[], dev=[], trainable=[], best=None, last=None, steps=0, resumed_from=0)
+    hist = dict(loss=[], dev=[], trainable=[], probe=[], best=None, last=None, steps=0, resumed_from=0)
     times, step, first_epoch, prior_wall, prior_cpu = [], 0, 1, 0.0, 0.0
     counter = _epoch_counter(train_loader)
     if checkpoint is not None and os.path.exists(checkpoint):
@@ -499,6 +502,10 @@ def train(model, train_loader, dev_loader, task, epochs, lr, head_lr=None, weigh
             epoch_losses.append(loss.item())  # .item() synchronises CUDA, so the timing is honest
             times.append(time.perf_counter() - t0)
             hist["trainable"].append((step, _adapter_trainable(body)))
+            if probe is not None:
+                seen = probe(step)
+                if seen is not None:
+                    hist["probe"].append(dict(seen, step=step))
             if log_every and step % log_every == 0:
                 log(f"  step {step}  loss {np.mean(epoch_losses[-log_every:]):.3f}  "
                     f"lr {scheduler.get_last_lr()[0]:.2e}")
@@ -511,7 +518,7 @@ def train(model, train_loader, dev_loader, task, epochs, lr, head_lr=None, weigh
         if checkpoint is not None:
             am.save_checkpoint(checkpoint, model, optimizer, scheduler, freezer, epoch=epoch, step=step,
                                wall_s=wall, cpu_s=prior_cpu + time.process_time() - cpu0, times=times,
-                               hist={k: hist[k] for k in ("loss", "dev", "trainable")})
+                               hist={k: hist[k] for k in ("loss", "dev", "trainable", "probe")})
         log(f"epoch {epoch}/{epochs}  step {step}  loss {np.mean(epoch_losses):.3f}  "
             f"dev {metric} {dev['metric']:.3f}  ({wall:.1f} s)")
         if step >= total:

@@ -1,0 +1,320 @@
+"""Reading the results: summaries of a grid, the targets (the paper's claims, met or missed), the
+paper's numbers, and the README's "Results" section generated from the committed files only."""
+from __future__ import annotations
+
+import json
+import math
+import statistics
+
+from bench import grid as G
+from bench.protocol import (CPU_EPOCHS, CPU_MAX_STEPS, GRID_RUNS, METHOD_LABELS, METHODS, RESULTS, TASKS, helpers,
+                            read_records)
+from bench.grid import lr_search_table
+
+# ------------------------------------------------------------------------------------------------
+# Summaries, targets, figures
+
+
+def summarize_glue(records) -> dict:
+    """{method: dict(per_task={task: mean best over seeds}, sd={task: sd over seeds}, n={task: seeds},
+    mean=mean over tasks, params=mean time-averaged params, wall_s / cpu_s = totals, n_runs)};
+    a method missing a task that another method has gets mean None."""
+    tasks = sorted({r["task"] for r in records})
+    out = {}
+    for method in sorted({r["method"] for r in records}, key=lambda m: list(METHOD_LABELS).index(m)
+                         if m in METHOD_LABELS else 99):
+        rs = [r for r in records if r["method"] == method]
+        by_task = {t: [r["best"] for r in rs if r["task"] == t] for t in tasks}
+        by_task = {t: v for t, v in by_task.items() if v}
+        out[method] = dict(per_task={t: statistics.mean(v) for t, v in by_task.items()},
+                           sd={t: statistics.stdev(v) if len(v) > 1 else 0.0 for t, v in by_task.items()},
+                           n={t: len(v) for t, v in by_task.items()},
+                           mean=statistics.mean(statistics.mean(v) for v in by_task.values())
+                           if len(by_task) == len(tasks) else None,
+                           params=statistics.mean(r["trainable_params_avg"] for r in rs),
+                           wall_s=sum(r["wall_s"] for r in rs), cpu_s=sum(r.get("cpu_s") or 0.0 for r in rs),
+                           n_runs=len(rs))
+    return out
+
+
+def _run_time(r) -> float:
+    """A run's time for comparisons: its process CPU time where recorded (1-thread workers: robust to the
+    other jobs on the machine), else its wall time."""
+    return r.get("cpu_s") or r["wall_s"]
+
+
+def _paired_walls(records, a, b):
+    """(total time of a, total time of b, pairs) over the (task, seed) pairs both methods have."""
+    wa = {(r["task"], r["seed"]): _run_time(r) for r in records if r["method"] == a}
+    wb = {(r["task"], r["seed"]): _run_time(r) for r in records if r["method"] == b}
+    keys = sorted(set(wa) & set(wb))
+    return (sum(wa[k] for k in keys), sum(wb[k] for k in keys), len(keys)) if keys else None
+
+
+def complete_tasks(records, methods=METHODS) -> list[str]:
+    """Tasks on which every method has the same (non-empty) set of seeds: the fair comparison set."""
+    out = []
+    for t in TASKS:
+        seeds = [frozenset(r["seed"] for r in records if r["task"] == t and r["method"] == m) for m in methods]
+        if seeds[0] and all(s == seeds[0] for s in seeds):
+            out.append(t)
+    return out
+
+
+def targets(glue_records=None, speed_records=None, glue_source="", speed_source="") -> list[dict]:
+    """The targets, each dict(target, value, status, source) with status "met", "missed" or "not measured
+    yet". Accuracy on the tasks every method has finished with the same seeds; run time from paired
+    runs (process CPU time where recorded). Read from the results; never asserted."""
+    rows = []
+
+    def row(target, value, ok, source):
+        status = "not measured yet" if ok is None else ("met" if ok else "missed")
+        rows.append(dict(target=target, value=value, status=status, source=source))
+
+    recs = glue_records or []
+    fair = complete_tasks(recs, ("lora", "aflora")) if recs else []
+    g = summarize_glue([r for r in recs if r["task"] in fair]) if fair else {}
+    lo, af = g.get("lora"), g.get("aflora")
+    if lo and af and lo["mean"] is not None and af["mean"] is not None:
+        ratio = lo["params"] / af["params"]
+        row("AFLoRA mean >= LoRA mean, with >= 5x fewer time-averaged params",
+            f"{af['mean']:.4f} vs {lo['mean']:.4f} ({af['mean'] - lo['mean']:+.4f}) on {len(fair)} task(s); "
+            f"{ratio:.1f}x fewer", af["mean"] >= lo["mean"] and ratio >= 5, glue_source)
+    else:
+        row("AFLoRA mean >= LoRA mean, with >= 5x fewer time-averaged params", "-", None, glue_source)
+    pw = _paired_walls(recs, "aflora", "elora")
+    if pw:
+        row("AFLoRA whole-run time <= 0.6x ELoRA's", f"{pw[0] / pw[1]:.2f}x ({pw[2]} paired runs)",
+            pw[0] <= 0.6 * pw[1], glue_source)
+    else:
+        row("AFLoRA whole-run time <= 0.6x ELoRA's", "-", None, glue_source)
+    pw = _paired_walls(recs, "aflora", "lora")
+    if pw:
+        row("AFLoRA whole-run time <= our LoRA's", f"{pw[0] / pw[1]:.2f}x ({pw[2]} paired runs)",
+            pw[0] <= pw[1], glue_source)
+    else:
+        row("AFLoRA whole-run time <= our LoRA's", "-", None, glue_source)
+    grid = [r for r in recs if r.get("kind", "grid") == "grid"]
+    if len(grid) >= GRID_RUNS:
+        hours = sum(_run_time(r) for r in grid) / 3600 / 2
+        row("the grid in <= 8 hours of the 2-core machine", f"{hours:.1f} h (CPU time / 2 cores)", hours <= 8,
+            glue_source)
+    else:
+        row("the grid in <= 8 hours of the 2-core machine", f"{len(grid)} of {GRID_RUNS} runs so far", None, glue_source)
+
+    s = {r["name"]: r for r in speed_records or []}
+
+    def ratio_row(target, a, b, limit):
+        if a in s and b in s and s[a]["step_ms"] and s[b]["step_ms"]:
+            x = s[a]["step_ms"] / s[b]["step_ms"]
+            value = f"{s[a]['step_ms']:.2f} / {s[b]['step_ms']:.2f} ms = {x:.2f}x"
+            if all(k in s[n] for n in (a, b) for k in ("p10_ms", "p90_ms")):
+                # a's p10-p90 range overlaps limit x b's: the verdict is within the timing noise
+                lo_a, hi_a = s[a]["p10_ms"], s[a]["p90_ms"]
+                lo_b, hi_b = limit * s[b]["p10_ms"], limit * s[b]["p90_ms"]
+                if lo_a <= hi_b and lo_b <= hi_a:
+                    value += f" (verdict within noise: the p10-p90 ranges of both, the second x {limit:g}, overlap)"
+            row(target, value, x <= limit, speed_source)
+        else:
+            row(target, "-", None, speed_source)
+
+    ratio_row("our LoRA r=8 step <= PEFT LoRA r=8", "lora8", "peft_lora8", 1.0)
+    ratio_row("our ELoRA r=1024 step <= 0.5x PEFT VeRA r=1024", "elora1024", "peft_vera1024", 0.5)
+    ratio_row("our ELoRA r=1024 step <= 2.2x the floor", "elora1024", "floor", 2.2)
+    ratio_row("AFLoRA frozen step within 1.2x of the floor", "aflora4_frozen", "floor", 1.2)
+    if "freezer_overhead" in s:
+        pct = s["freezer_overhead"]["pct_of_step"]
+        row("freezer < 3% of a step", f"{pct:.2f}%", pct < 3.0, speed_source)
+    else:
+        row("freezer < 3% of a step", "-", None, speed_source)
+    return rows
+
+
+def format_targets(rows) -> str:
+    w = max(len(r["target"]) for r in rows)
+    return "\n".join(f"{r['target']:{w}s}  {r['status']:16s}  {r['value']}  [{r['source']}]" for r in rows)
+
+
+# The paper (Liu et al., ACL 2024, arXiv 2403.13269), Table 1: DeBERTaV3-base, GLUE dev sets.
+PAPER = {  # method: (trainable params, {task: score}, average over its 8 GLUE tasks)
+    "lora":   ("1.33M", {"CoLA": 69.73, "SST-2": 95.57, "MRPC": 89.71, "STS-B": 91.86, "RTE": 85.32}, 88.38),
+    "elora":  ("0.16M", {"CoLA": 70.74, "SST-2": 95.18, "MRPC": 90.93, "STS-B": 91.08, "RTE": 87.36}, 88.53),
+    "aflora": ("0.14M", {"CoLA": 72.01, "SST-2": 96.22, "MRPC": 91.91, "STS-B": 91.84, "RTE": 88.09}, 89.23),
+}   # AFLoRA's count is time-averaged over training
+PAPER_RUNTIME = {"aflora": 0.54, "lora": 0.65, "elora": 1.00}   # whole run, normalised to ELoRA
+
+
+# HF PEFT on this MiniLM, same data, batch 32, length 128, seed 0, best dev epoch, fp32, one H100: a reference
+# for scale (results/peft_reference_h100.json says how it was made).
+PEFT_REFERENCE = json.loads((RESULTS / "peft_reference_h100.json").read_text())
+PEFT_ANCHOR = {r["task"]: {"peft_lora": r["peft_lora"], "peft_vera": r["peft_vera"]} for r in PEFT_REFERENCE["records"]}
+
+
+def accuracy_table(records, anchor=True) -> str:
+    """Best dev metric per task and method (mean ± sd over seeds), with the PEFT anchor beside it."""
+    tasks = [t for t in TASKS if any(r["task"] == t for r in records)]
+    methods = [m for m in METHOD_LABELS if any(r["method"] == m for r in records)]
+    head = f"{'task':7s} {'metric':8s}" + "".join(f"{METHOD_LABELS[m]:>18s}" for m in methods)
+    if anchor:
+        head += f"{'PEFT LoRA (anchor)':>20s}{'PEFT VeRA (anchor)':>20s}"
+    lines = [head]
+    for t in tasks:
+        line = f"{t:7s} {helpers.TASKS[t]['metric']:8s}"
+        for m in methods:
+            v = [r["best"] for r in records if r["task"] == t and r["method"] == m]
+            sd = statistics.stdev(v) if len(v) > 1 else 0.0
+            line += f"{statistics.mean(v):>10.3f} ± {sd:.3f}" if v else f"{'-':>18s}"
+        if anchor:
+            for k in ("peft_lora", "peft_vera"):
+                a = PEFT_ANCHOR.get(t, {}).get(k)
+                line += f"{'-' if a is None else f'{a:.3f}':>20s}"
+        lines.append(line)
+    s = summarize_glue(records)
+    line = f"{'mean':7s} {'':8s}"
+    for m in methods:
+        line += f"{s[m]['mean']:>18.3f}" if s[m]["mean"] is not None else f"{'-':>18s}"
+    lines.append(line)
+    line = f"{'params':7s} {'avg':8s}" + "".join(f"{s[m]['params']:>18,.0f}" for m in methods)
+    lines.append(line)
+    return "\n".join(lines)
+
+
+def results_markdown() -> str:
+    """The README's "Results" section, generated from the committed result files only (so every number
+    in it has a file and a command behind it). tests/test_readme.py checks that the README holds
+    exactly this text: regenerate with `python notebooks/benchmark.py readme-results`."""
+    search = read_records(G.LR_SEARCH_CPU)
+    grid = [r for r in read_records(G.GLUE_CPU) if r.get("kind") == "grid"]
+    speed = {r["name"]: r for r in read_records(RESULTS / "speed_cpu.json")}
+    out = [f"Status: {len(grid)} of {GRID_RUNS} grid runs and {len(search)} of 18 learning-rate search runs are in "
+           "the results files" + (" (the grid is unfinished: the same command resumes it, and this section is regenerated as it fills in)."
+                                  if len(grid) < GRID_RUNS else ".")]
+    if speed:
+        r0 = next(iter(speed.values()))
+        out += ["", f"**Step time** ([`speed_cpu.json`](notebooks/results/speed_cpu.json): batch {r0['batch']}, "
+                f"length {r0['length']}, {r0['threads']} thread, fp32, forward + backward + AdamW, median of "
+                f"{r0['rounds']} interleaved rounds; `{r0.get('command', '')}`):", "",
+                "| configuration | s per step | vs floor | trainable params |", "|---|---|---|---|"]
+        labels = {"floor": "frozen base (floor)", "peft_lora8": "PEFT LoRA r=8", "peft_vera1024": "PEFT VeRA r=1024",
+                  "lora8": "ours, LoRA r=8", "elora1024": "ours, ELoRA r=1024 (auto: weight path)",
+                  "elora1024_token": "ours, ELoRA r=1024, token path", "aflora4_start": "ours, AFLoRA r=4 at start",
+                  "aflora4_frozen": "ours, AFLoRA r=4, all A, B frozen"}
+        for n, label in labels.items():
+            if n in speed and speed[n]["step_ms"]:
+                out.append(f"| {label} | {speed[n]['step_ms'] / 1000:.2f} | "
+                           f"{speed[n]['step_ms'] / speed['floor']['step_ms']:.2f}x | {speed[n]['params']:,} |")
+        if "freezer_overhead" in speed:
+            fz = speed["freezer_overhead"]
+            out += ["", f"AFLoRA's freezer adds {fz['step_ms']:.1f} ms per step ({fz['pct_of_step']:.2f}% of a step)."]
+    pad, thr, plan = read_records(RESULTS / "padding_cpu.json"), read_records(RESULTS / "threads_cpu.json"), \
+        read_records(G.PLAN_CPU)
+    choices = []
+    if pad:
+        for protocol in ("reference", "cpu"):
+            rs = [r for r in pad if r["protocol"] == protocol]
+            choices.append(f"- Batches grouped by length: {sum(r['random']['padded'] for r in rs) / 1e6:.1f}M padded tokens "
+                           f"per method and seed with random batches, {sum(r['grouped']['padded'] for r in rs) / 1e6:.1f}M "
+                           f"grouped ({sum(r['random']['real'] for r in rs) / 1e6:.1f}M real), {protocol} protocol "
+                           "([`padding_cpu.json`](notebooks/results/padding_cpu.json), "
+                           "`benchmark.py padding --out notebooks/results/padding_cpu.json`). Used.")
+    if thr:
+        choices.append(f"- Two 1-thread processes give {thr[0]['ratio']:.2f}x the training throughput of one 2-thread "
+                       "process ([`threads_cpu.json`](notebooks/results/threads_cpu.json), "
+                       "`benchmark.py threads --out notebooks/results/threads_cpu.json`): "
+                       "the grid runs two 1-thread workers.")
+    if plan:
+        def total(kind):
+            return sum(min(r["steps"] / r["epochs"] * CPU_EPOCHS[r["task"]], CPU_MAX_STEPS.get(r["task"], math.inf))
+                       * r["step_ms"] for r in plan if r["autocast"] == kind)
+        choices.append(f"- bf16 autocast: the plan's step times put a bf16 grid at {total('bf16') / total('fp32'):.2f}x the "
+                       "fp32 time ([`grid_plan_cpu.json`](notebooks/results/grid_plan_cpu.json)); not used: the "
+                       "3-seed check that bf16 matches fp32 within seed noise would cost about as much as it saves "
+                       "at this grid's size, so the grid stays fp32.")
+    if "elora1024" in speed and "elora1024_token" in speed:
+        r0 = speed["elora1024"]
+        line = (f"- ELoRA's weight path: {speed['elora1024_token']['step_ms'] / r0['step_ms']:.2f}x faster steps than "
+                f"the token path at r = 1024 on batches of {r0['batch']} x {r0['length']} tokens (the step-time table "
+                "above). Used (`path='auto'`), which takes it only where the library's cost rule says it pays")
+        paths = read_records(RESULTS / "elora_paths_cpu.json")
+        if paths:
+            sh = paths[0]["shapes"]
+            share = sum(r["weight_share"] * r["steps"] for r in paths) / sum(r["steps"] for r in paths)
+            line += (": on batches of more than " + " / ".join(f"{v['weight_from_tokens'] - 1} ({k})" for k, v in sh.items())
+                     + f" tokens. In the grid's training batches that is {share:.0%} of ELoRA's layer-steps ("
+                     + ", ".join(f"{r['task']} {r['weight_share']:.0%}" for r in paths) + "; the rest take the token "
+                     "path; [`elora_paths_cpu.json`](notebooks/results/elora_paths_cpu.json), "
+                     "`benchmark.py paths --out notebooks/results/elora_paths_cpu.json`)")
+        choices.append(line + ".")
+    if choices:
+        out += ["", "**What makes a CPU step cheaper**, each kept only if a side-by-side measurement says it pays:", ""] + choices
+    if search:
+        out += ["", "**Learning rates** ([`lr_search_cpu.json`](notebooks/results/lr_search_cpu.json), held-out "
+                "10% of the training split (drawn once with seed 1234), training seed 0; the factor with the best mean "
+                "is used on every task; the head's rate is scaled by the same factor):", "",
+                "```text", lr_search_table(search), "```"]
+    if grid:
+        fair = complete_tasks(grid)
+        out += ["", "**Accuracy** ([`glue_cpu.json`](notebooks/results/glue_cpu.json), best dev epoch, mean ± sd "
+                "over seeds (n); `python notebooks/benchmark.py cpu-grid --workers 2`), with the paper's numbers "
+                "(DeBERTaV3-base, its Table 1, in points: 100 x our scale) beside them for scale, not for a "
+                "like-for-like comparison:", "",
+                "| task | " + " | ".join(METHOD_LABELS[m] for m in METHODS) + " | paper: " +
+                " / ".join(METHOD_LABELS[m].split()[0] for m in METHODS) + " |", "|---" * (len(METHODS) + 2) + "|"]
+
+        def paper(values):
+            return " / ".join(values) + " |"
+        for t in TASKS:
+            cells = []
+            for m in METHODS:
+                v = [r["best"] for r in grid if r["task"] == t and r["method"] == m]
+                sd = statistics.stdev(v) if len(v) > 1 else 0.0
+                cells.append(("pending" if not v else f"{v[0]:.3f} (1)" if len(v) == 1 else
+                              f"{statistics.mean(v):.3f} ± {sd:.3f} ({len(v)})"))
+            out.append(f"| {t} ({helpers.TASKS[t]['metric']}) | " + " | ".join(cells) + " | "
+                       + paper(f"{PAPER[m][1][t]:.1f}" for m in METHODS))
+        if fair:
+            g = summarize_glue([r for r in grid if r["task"] in fair])
+            out.append(f"| mean over {', '.join(fair)} | " + " | ".join(
+                f"{g[m]['mean']:.3f}" if m in g and g[m]['mean'] is not None else "-" for m in METHODS) + " | "
+                + paper(f"{statistics.mean(PAPER[m][1][t] for t in fair):.1f}" for m in METHODS))
+            out.append("| time-averaged trainable params | " + " | ".join(
+                f"{g[m]['params']:,.0f}" if m in g else "-" for m in METHODS) + " | "
+                + paper(PAPER[m][0] for m in METHODS))
+            hours = {m: sum(_run_time(r) for r in grid if r["task"] in fair and r["method"] == m) / 3600
+                     for m in METHODS}
+            out.append("| whole-run CPU time over these tasks, h (vs ELoRA) | " + " | ".join(
+                f"{hours[m]:.2f} ({hours[m] / hours['elora']:.2f}x)" for m in METHODS) + " | "
+                + paper(f"({PAPER_RUNTIME[m]:.2f}x)" for m in METHODS))
+        af = [r for r in grid if r["method"] == "aflora" and r.get("frozen_at")]
+        if af and all(None not in r["frozen_at"].values() for r in af):
+            done = [max(r["frozen_at"].values()) / r["steps"] for r in af]
+            f0 = af[0]["freezer"]                        # t_i, t_f are the same fractions of T on every task
+            out += ["", f"AFLoRA's low-rank matrices train only early in a run: in the {len(af)} AFLoRA runs every A and B "
+                    f"was frozen after {min(done):.0%} to {max(done):.0%} of the steps (`frozen_at` in the file). The "
+                    f"released schedule freezes whatever is left at T - t_f = {1 - f0['t_final'] / f0['total_steps']:.0%} "
+                    "of T, and its quantile rule, taken over the matrices still trainable, compounds and gets there "
+                    "sooner; after that only the vectors d, b and the classifier train."]
+    rows = {r["target"]: r for r in targets(grid, list(speed.values()), "glue_cpu.json", "speed_cpu.json")}
+    acc = rows["AFLoRA mean >= LoRA mean, with >= 5x fewer time-averaged params"]
+    run = rows["AFLoRA whole-run time <= 0.6x ELoRA's"]
+    final = len(grid) >= GRID_RUNS
+
+    def verdict(r, how=""):
+        if r["status"] == "not measured yet":
+            return "not measured yet."
+        return ("holds" if r["status"] == "met" else "does not hold") + ("" if final else " so far") + \
+            f" ({r['value']}{how})."
+    out += ["", "**The paper's claims on MiniLM** (computed from the files above):", "",
+            "- AFLoRA matches or beats LoRA with >= 5x fewer time-averaged parameters (paper: +0.85 points, 9.5x "
+            "fewer): " + verdict(acc),
+            "- An AFLoRA run takes <= 0.6x of an ELoRA run (paper: 0.54x): "
+            + verdict(run, "; process CPU time of paired runs, against ELoRA with `path='auto'`")]
+    pw = _paired_walls(grid, "aflora", "elora")
+    if pw and "elora1024" in speed and "elora1024_token" in speed:
+        k = speed["elora1024_token"]["step_ms"] / speed["elora1024"]["step_ms"]
+        out.append(f"  Against an ELoRA on the token path everywhere (as PEFT's VeRA and the authors' code run it): "
+                   f"between {pw[0] / (pw[1] * k):.2f}x and {pw[0] / pw[1]:.2f}x (bounds: ELoRA's time x {k:.2f}, "
+                   "the step-time ratio of the two paths at 32 x 128 tokens, and x 1).")
+    return "\n".join(out) + "\n"
+
+
