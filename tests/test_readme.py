@@ -45,8 +45,8 @@ def test_readme_trainer_recipe_runs(tmp_path):
 def test_readme_results_section_is_generated_from_the_result_files():
     """Every number in the README's Results section comes from the committed result files: the section
     is exactly what `python notebooks/benchmark.py readme-results` prints from them."""
-    import benchmark as bm
+    from bench import report
     text = (ROOT / "README.md").read_text()
     begin = text.index("<!-- results:begin")
     section = text[text.index("\n", begin) + 1:text.index("<!-- results:end -->")]
-    assert section == bm.results_markdown(), "README Results section is stale: regenerate it"
+    assert section == report.results_markdown(), "README Results section is stale: regenerate it"
