@@ -337,3 +337,83 @@ def test_diagnosis_probe_measures_what_it_says_and_leaves_training_alone(tmp_pat
 def helpers_loader(tok, examples):
     import helpers
     return helpers.make_loader(tok, examples[:64], 64, 128)
+
+
+# ---------------------------------------------------------------------------------------------
+# Protocol v2: a factor per (method, task), the range widened at an edge; the warm-up rule
+
+def _search(method, task, scores):
+    return [dict(task=task, method=method, seed=0, lr_factor=f, best=b, mode="cpu", kind="lr_search",
+                 protocol="v2") for f, b in scores.items()]
+
+
+def test_v2_search_widens_at_an_edge_and_stops():
+    assert G.v2_search([], "lora", "RTE") == ([1 / 3, 1.0, 3.0], None)
+    inner = _search("lora", "RTE", {1 / 3: 0.5, 1.0: 0.7, 3.0: 0.6})
+    assert G.v2_search(inner, "lora", "RTE") == ([1 / 3, 1.0, 3.0], 1.0)
+    up = _search("elora", "RTE", {1 / 3: 0.5, 1.0: 0.6, 3.0: 0.7})
+    assert G.v2_search(up, "elora", "RTE") == ([1 / 3, 1.0, 3.0, 9.0], None)          # widen upwards
+    up += _search("elora", "RTE", {9.0: 0.65})
+    assert G.v2_search(up, "elora", "RTE") == ([1 / 3, 1.0, 3.0, 9.0], 3.0)
+    down = _search("aflora", "CoLA", {1 / 3: 0.3, 1.0: 0.2, 3.0: 0.1, 1 / 9: 0.4, 1 / 27: 0.5})
+    factors, best = G.v2_search(down, "aflora", "CoLA")
+    assert best == pytest.approx(1 / 27) and len(factors) == 5                          # at most 2 widenings
+    tie = _search("lora", "MRPC", {1 / 3: 0.5, 1.0: 0.5, 3.0: 0.5})
+    assert G.v2_search(tie, "lora", "MRPC")[1] == 1.0                                   # ties: closest to 1
+    assert G.v2_choices(inner + up + tie + _search("lora", "CoLA", {1.0: 0.2})) == {
+        ("lora", "RTE"): 1.0, ("elora", "RTE"): 3.0, ("lora", "MRPC"): 1.0}
+
+
+def _fake_diagnosis(floor_gain: float):
+    """A complete fake diagnosis: every job's record, the warmup-floor arm better by floor_gain."""
+    from bench import diagnosis as D
+    recs = []
+    for j in D.diagnosis_jobs():
+        best = 0.5 + (floor_gain if j["arm"] == "warmup-floor" else 0.0)
+        s = G.job_settings(j)
+        recs.append(dict(task=j["task"], method=j["method"], seed=j["seed"], metric="mcc", best=best, last=best,
+                         lr_factor=1.0, split="heldout", mode="cpu", kind="diagnosis", protocol="diagnosis",
+                         arm=j["arm"], arms=j["arms"], head_rule=s["head_rule"], warmup_floor=s["warmup_floor"],
+                         t_final_frac=s["t_final_frac"], lr=1e-2, head_lr=1e-2, warmup_steps=29, steps=486,
+                         wall_s=100.0, cpu_s=100.0, trainable_params_avg=1.0, warmup_ratio=0.06,
+                         probe=[dict(step=1, feature_spread=0.05, dw_norm={"intermediate.0": 0.0}),
+                                dict(step=480, feature_spread=0.001 if best < 0.5 else 0.05,
+                                     dw_norm={"intermediate.0": 3.0})],
+                         **({"aflora_adaptive": False} if j["arm"] == "frozen-AB" else {})))
+    return recs
+
+
+@pytest.mark.parametrize("gain,floor", [(0.01, 100), (0.0, 100), (-0.01, 0)])
+def test_v2_warmup_rule_follows_the_diagnosis(gain, floor):
+    from bench import diagnosis as D
+    recs = _fake_diagnosis(gain)
+    assert D.warmup_choice(recs)[0] == floor
+    with pytest.raises(RuntimeError, match="diagnosis"):
+        D.warmup_choice([r for r in recs if not (r["arm"] == "warmup-floor" and r["seed"] == 2)])
+    assert "warmup-floor" in D.table(recs) and len(D.summary(recs)) == 3 * 2 * 3 + 2
+
+
+def test_v2_adopts_identical_diagnosis_runs_and_runs_the_rest(tmp_path):
+    """v2 on a tiny slice: the diagnosis's seed-0 runs at v2's settings become search records (not
+    trained again); the search then widens or stops, and the grid run uses its chosen factor."""
+    diag = _fake_diagnosis(-0.01)                                                       # v2: no floor
+    P.write_records(tmp_path / "diagnosis_cpu.json", diag)
+    override = dict(train_limit=40, dev_limit=16, epochs=1, max_steps=None, batch_size=8, max_length=32)
+    lines = []
+    try:
+        ok = G.run_cpu_grid(workers=2, seeds=(0,), methods=("lora",), tasks=("STS-B",), poll_s=0.5, report_s=0,
+                            nice=0, results_dir=tmp_path, override=override, protocol="v2", log=lines.append)
+        search = P.read_records(tmp_path / "lr_search_cpu_v2.json")
+        grid = P.read_records(tmp_path / "glue_cpu_v2.json")
+    finally:
+        G.set_results_dir(P.RESULTS)
+    assert ok, "\n".join(lines)
+    adopted = [r for r in search if r.get("adopted_from")]
+    # LoRA's released-head run on STS-B (seed 0) plus the other methods' on both tasks: 6 adopted
+    assert len(adopted) == 6 and all("released-head" in r["adopted_from"] for r in adopted)
+    mine = [r for r in search if r["method"] == "lora" and r["task"] == "STS-B"]
+    factors, chosen = G.v2_search(search, "lora", "STS-B")
+    assert sorted(r["lr_factor"] for r in mine) == sorted(factors) and chosen is not None
+    assert len(grid) == 1 and grid[0]["lr_factor"] == chosen and grid[0]["protocol"] == "v2"
+    assert grid[0]["head_rule"] == "released" and grid[0]["warmup_floor"] == 0
+    assert grid[0]["head_lr"] == pytest.approx(P.RELEASED_HEAD_RATIO["STS-B"] * grid[0]["lr"])

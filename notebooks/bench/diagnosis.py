@@ -168,6 +168,27 @@ def summary(records) -> list[dict]:
     return rows
 
 
+def warmup_choice(records) -> tuple[int, str]:
+    """Protocol v2's warm-up rule, decided by this rule written before the study ran: (floor, why).
+    Over the 6 (task, method) cells, the mean of (warmup-floor's mean held-out score - released-head's);
+    v2 takes the floor WARMUP_FLOOR if that is >= 0, else the plain 6%. Raises while either arm has runs
+    missing."""
+    rows = {(r["arm"], r["task"], r["method"]): r for r in summary(records)}
+    cells = [(t, m) for t in DIAG_TASKS for m in METHODS]
+    missing = [(a, t, m) for a in ("released-head", "warmup-floor") for t, m in cells
+               if len(rows.get((a, t, m), {}).get("seeds", [])) < len(SEEDS)]
+    if missing:
+        raise RuntimeError(f"protocol v2's warm-up rule comes from the diagnosis, which has {len(missing)} of "
+                           f"{2 * len(cells)} (arm, task, method) cells unfinished; run `python "
+                           "notebooks/benchmark.py diagnosis` first")
+    diff = statistics.mean(rows[("warmup-floor", t, m)]["mean"] - rows[("released-head", t, m)]["mean"]
+                           for t, m in cells)
+    floor = WARMUP_FLOOR if diff >= 0 else 0
+    return floor, (f"warm-up floor {WARMUP_FLOOR} steps vs 6% alone, with the released head: mean held-out "
+                   f"difference {diff:+.4f} over {len(cells)} (task, method) cells -> "
+                   + (f"v2 warms up over max(6% of T, {WARMUP_FLOOR} steps)" if floor else "v2 keeps 6% of T"))
+
+
 def table(records) -> str:
     """The study as text: one line per (arm, task, method)."""
     lines = [f"{'arm':14s} {'task':6s} {'method':13s} {'lr':>8s} {'head':>8s} {'warm-up':>7s} "

@@ -95,9 +95,25 @@ def run_glue_grid(tasks=TASKS, methods=METHODS, seeds=SEEDS, mode="full", out_pa
 
 # Each protocol's changes to grid_settings("cpu") and its files. v1 is the first grid's protocol;
 # v2 is written down in the README ("Protocol v2") before any of its runs.
+#   v1  the head at 4e-3 (ELoRA, AFLoRA) or the adapter rate (LoRA), 6% warm-up, one factor per method
+#       from LR_FACTORS chosen on held-out SST-2 and STS-B.
+#   v2  the released head ratios for every method, the warm-up rule the diagnosis chose
+#       (diagnosis.warmup_choice), one factor per (method, task) chosen on each task's held-out 10%
+#       from V2_FACTORS, the range widened by x3 at an edge (v2_search).
+V2_FACTORS, V2_MAX_WIDEN = (1 / 3, 1.0, 3.0), 2
+
+
+def _v2_settings() -> dict:
+    from bench import diagnosis
+    floor, _ = diagnosis.warmup_choice(read_records(RESULTS_DIR / DIAGNOSIS_FILE))
+    return dict(head_rule="released", warmup_floor=floor)
+
+
 PROTOCOLS = {
-    "v1": dict(settings=dict(head_rule="v1", warmup_floor=0), search="lr_search_cpu.json",
+    "v1": dict(settings=lambda: dict(head_rule="v1", warmup_floor=0), search="lr_search_cpu.json",
                grid="glue_cpu.json"),
+    "v2": dict(settings=_v2_settings, search="lr_search_cpu_v2.json", grid="glue_cpu_v2.json",
+               search_tasks=TASKS, choose=lambda recs: v2_choices(recs)),
 }
 DIAGNOSIS_FILE = "diagnosis_cpu.json"
 RESULTS_DIR = RESULTS
@@ -123,16 +139,50 @@ def results_file(protocol: str, kind: str) -> Path:
     return RESULTS_DIR / PROTOCOLS[protocol]["search" if kind == "lr_search" else "grid"]
 
 
+def v2_search(records, method: str, task: str) -> tuple[list[float], float | None]:
+    """Protocol v2's search on one (method, task): (the factors to run, the chosen factor or None while
+    runs are missing). Start from V2_FACTORS; when the best held-out score (best epoch) is at the
+    largest or smallest factor tried, add the next one x3 beyond it, at most V2_MAX_WIDEN times. Ties go
+    to the factor closest to 1. Never looks at a dev set."""
+    score = {}
+    for r in records:
+        if r["method"] == method and r["task"] == task:
+            score[r["lr_factor"]] = r["best"]
+
+    def get(f):
+        return next((v for k, v in score.items() if math.isclose(k, f)), None)
+    factors = list(V2_FACTORS)
+    while True:
+        if any(get(f) is None for f in factors):
+            return factors, None
+        best = max(factors, key=lambda f: (round(get(f), 6), -abs(math.log(f))))
+        if len(factors) - len(V2_FACTORS) >= V2_MAX_WIDEN or min(factors) < best < max(factors):
+            return factors, best
+        factors = [best / 3] + factors if best == min(factors) else factors + [best * 3]
+
+
+def v2_choices(records) -> dict:
+    """{(method, task): factor} for every (method, task) whose v2 search is finished."""
+    pairs = {(r["method"], r["task"]) for r in records}
+    out = {k: v2_search(records, *k)[1] for k in pairs}
+    return {k: f for k, f in out.items() if f is not None}
+
+
 def cpu_jobs(seeds=SEEDS, methods=METHODS, tasks=TASKS, protocol="v1") -> list[dict]:
     """Every run of a protocol, in the order they start: the learning-rate search (seed 0, each factor,
     held-out split), then the grid seed by seed (so a grid cut short still has whole seeds).
-    v1 searches LR_SEARCH_TASKS for one factor per method."""
+    v1 searches LR_SEARCH_TASKS for one factor per method; v2 every task, one factor per (method, task),
+    so its job list grows when a search widens its range (the runner asks again after every run)."""
     if protocol not in PROTOCOLS:
         raise ValueError(f"unknown protocol {protocol!r}; choose from {sorted(PROTOCOLS)}")
-    cfg = PROTOCOLS[protocol]
-    search_tasks, factors = cfg.get("search_tasks", LR_SEARCH_TASKS), cfg.get("factors", LR_FACTORS)
-    jobs = [dict(kind="lr_search", task=t, method=m, seed=0, lr_factor=f, split="heldout")
-            for m in methods for t in search_tasks for f in factors if t in tasks or protocol == "v1"]
+    if protocol == "v1":
+        jobs = [dict(kind="lr_search", task=t, method=m, seed=0, lr_factor=f, split="heldout")
+                for m in methods for t in LR_SEARCH_TASKS for f in LR_FACTORS]
+    else:
+        adopt_diagnosis_runs()
+        search = read_records(results_file(protocol, "lr_search"))
+        jobs = [dict(kind="lr_search", task=t, method=m, seed=0, lr_factor=f, split="heldout")
+                for t in tasks for m in methods for f in v2_search(search, m, t)[0]]
     jobs += [dict(kind="grid", task=t, method=m, seed=s, lr_factor=None, split="dev")
              for s in seeds for t in tasks for m in methods]
     return [dict(j, protocol=protocol) for j in jobs]
@@ -217,8 +267,34 @@ def job_settings(job, **override) -> dict:
         from bench import diagnosis
         changes = diagnosis.ARMS[job["arm"]]["settings"]
     else:
-        changes = PROTOCOLS[job.get("protocol", "v1")]["settings"]
+        changes = PROTOCOLS[job.get("protocol", "v1")]["settings"]()
     return grid_settings(job["task"], "cpu", **{**changes, **override})
+
+
+def adopt_diagnosis_runs() -> list[dict]:
+    """Copy into v2's search file the diagnosis runs that are exactly v2 search runs (seed 0, factor 1,
+    held-out split, v2's head rule and warm-up, AFLoRA's released schedule), marked `adopted_from`, so
+    they are not trained twice. Returns the records copied by this call."""
+    from bench import diagnosis
+    out = results_file("v2", "lr_search")
+    have = read_records(out)
+    keys = ("head_rule", "warmup_floor", "t_final_frac", "aflora_adaptive", "warmup_ratio", "epochs", "max_steps")
+    v2 = PROTOCOLS["v2"]["settings"]()
+    copied = []
+    for r in read_records(RESULTS_DIR / DIAGNOSIS_FILE):
+        want = {k: grid_settings(r["task"], "cpu", **v2)[k] for k in keys}
+        arm = next((a for a in r.get("arms", [r.get("arm")]) if {k: grid_settings(
+            r["task"], "cpu", **diagnosis.ARMS[a]["settings"])[k] for k in keys} == want), None)
+        job = dict(kind="lr_search", task=r["task"], method=r["method"], seed=0, lr_factor=1.0,
+                   split="heldout", protocol="v2")
+        if (arm and r["seed"] == 0 and math.isclose(r["lr_factor"], 1.0) and r["split"] == "heldout"
+                and not r.get("smoke_overrides") and not _job_done(job, have + copied)):
+            rec = {k: v for k, v in r.items() if k not in ("probe", "loss_curve", "arm", "arms")}
+            rec.update(kind="lr_search", protocol="v2", head_rule="released",
+                       adopted_from=f"{DIAGNOSIS_FILE} (arm {arm})")
+            append_record(out, rec)
+            copied.append(rec)
+    return copied
 
 
 def run_job(job, device="cpu", log=print, **override) -> dict:
