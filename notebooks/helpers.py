@@ -551,6 +551,13 @@ def step_time(model, batch, n=20, warmup=5) -> float:
     return 1000 * statistics.median(times)
 
 
+# ---------------------------------------------------------------- one colour per method, everywhere
+METHOD_COLORS = {"lora": "tab:blue", "elora": "tab:orange", "aflora": "tab:green",
+                 "peft_lora": "tab:purple", "peft_vera": "tab:brown"}
+METHOD_LABELS = {"lora": "LoRA r=8", "elora": "ELoRA r=1024", "aflora": "AFLoRA r=4",
+                 "peft_lora": "PEFT LoRA r=8", "peft_vera": "PEFT VeRA r=1024"}
+
+
 # ---------------------------------------------------------------- the freeze map (one convention)
 FREEZE_ROWS = ("intermediate A", "intermediate B", "output A", "output B")
 

@@ -36,8 +36,7 @@ TASKS = ("CoLA", "SST-2", "MRPC", "RTE", "STS-B")
 METHODS = ("lora", "elora", "aflora")      # the grid's default; peft_lora / peft_vera also accepted
 SEEDS = (0, 1, 2)
 GRID_RUNS = len(TASKS) * len(METHODS) * len(SEEDS)   # 45: the complete grid
-METHOD_LABELS = {"lora": "LoRA r=8", "elora": "ELoRA r=1024", "aflora": "AFLoRA r=4",
-                 "peft_lora": "PEFT LoRA r=8", "peft_vera": "PEFT VeRA r=1024"}
+METHOD_LABELS = helpers.METHOD_LABELS                      # one place: helpers (with METHOD_COLORS)
 RANKS = {"lora": 8, "elora": 1024, "aflora": 4, "peft_lora": 8, "peft_vera": 1024}
 SPEED_NAMES = ("floor", "peft_lora8", "peft_vera1024", "lora8", "elora1024", "elora1024_token", "aflora4_start",
                "aflora4_frozen", "freezer_overhead")
