@@ -68,6 +68,9 @@ def _main(argv=None):
     q.add_argument("--workers", type=int, default=2)
     q.add_argument("--seeds", nargs="+", type=int, default=list(SEEDS))
     q.add_argument("--report-minutes", type=float, default=5.0)
+    q = sub.add_parser("protocol-cost", help="what a protocol's search and grid should cost here, before its runs")
+    q.add_argument("--protocol", choices=sorted(grid.PROTOCOLS), default="v2")
+    q.add_argument("--workers", type=int, default=2)
     q = sub.add_parser("diagnosis", help="the held-out study of protocol v1's recipe (resumable)")
     q.add_argument("--workers", type=int, default=2)
     q.add_argument("--seeds", nargs="+", type=int, default=list(SEEDS))
@@ -79,7 +82,8 @@ def _main(argv=None):
     q.add_argument("--results-dir", default=str(RESULTS))
     q.add_argument("--override", default=None, help="JSON of grid_settings overrides (smoke tests only)")
     q = sub.add_parser("lr-table", help="the learning-rate search's table and choice")
-    q = sub.add_parser("readme-results", help="print the README's Results section from the result files")
+    q = sub.add_parser("readme-results", help="the README's generated blocks from the result files (--write: in place)")
+    q.add_argument("--write", action="store_true", help="rewrite the blocks in README.md")
     q = sub.add_parser("padding", help="padded tokens: random vs length-grouped batches")
     q.add_argument("--out", required=True)
     q = sub.add_parser("paths", help="the share of ELoRA's layer-steps on each path in the grid's batches")
@@ -119,11 +123,23 @@ def _main(argv=None):
         measure.run_threads(a.out, rounds=a.rounds)
         return
     if a.cmd == "readme-results":
-        print(report.results_markdown(), end="")
+        if a.write:
+            print("README blocks rewritten:", report.update_readme(protocol.REPO / "README.md") or "none changed")
+        else:
+            for name, text in report.readme_blocks().items():
+                print(f"<!-- {name} -->\n{text}")
         return
     if a.cmd == "lr-table":
         print(grid.lr_search_table(read_records(grid.LR_SEARCH_CPU)))
         print("chosen factors:", grid.choose_lr_factors(read_records(grid.LR_SEARCH_CPU)))
+        return
+    if a.cmd == "protocol-cost":
+        for widen in (0, 1, 2):
+            c = grid.protocol_cost(a.protocol, a.workers, widen)
+            print(f"protocol {a.protocol}, {a.workers} workers, search widened {widen}x per (method, task): "
+                  f"{c['jobs']} runs, search {c['search_h']:.1f} h + grid {c['grid_h']:.1f} h = {c['total_h']:.1f} h")
+            if a.protocol == "v1":
+                break
         return
     if a.cmd == "diagnosis-table":
         print(diagnosis.table(read_records(grid.RESULTS_DIR / grid.DIAGNOSIS_FILE)))

@@ -417,3 +417,26 @@ def test_v2_adopts_identical_diagnosis_runs_and_runs_the_rest(tmp_path):
     assert len(grid) == 1 and grid[0]["lr_factor"] == chosen and grid[0]["protocol"] == "v2"
     assert grid[0]["head_rule"] == "released" and grid[0]["warmup_floor"] == 0
     assert grid[0]["head_lr"] == pytest.approx(P.RELEASED_HEAD_RATIO["STS-B"] * grid[0]["lr"])
+
+
+def test_v2_readme_block_reads_the_v2_files_beside_v1(tmp_path):
+    v1, v2 = [], []
+    for task in P.TASKS:
+        for seed in (0, 1, 2):
+            v1 += [_rec(task, m, seed, b, p, 10.0, kind="grid") for m, b, p in
+                   (("lora", 0.70, 331_776), ("elora", 0.69, 57_600), ("aflora", 0.60, 34_000))]
+            v2 += [_rec(task, m, seed, b + 0.01 * seed, p, w, kind="grid", protocol="v2") for m, b, p, w in
+                   (("lora", 0.71, 331_776, 10.0), ("elora", 0.70, 57_600, 20.0), ("aflora", 0.72, 30_000, 5.0))]
+    search = _search("lora", "RTE", {1 / 3: 0.5, 1.0: 0.7, 3.0: 0.6})
+    P.write_records(tmp_path / "glue_cpu.json", v1)
+    P.write_records(tmp_path / "glue_cpu_v2.json", v2)
+    P.write_records(tmp_path / "lr_search_cpu_v2.json", search)
+    G.set_results_dir(tmp_path)
+    try:
+        text = R.v2_markdown()
+    finally:
+        G.set_results_dir(P.RESULTS)
+    assert "45 of 45 grid runs" in text and "lora     RTE" in text and "x1: 0.7000" in text
+    assert "| RTE (acc) | 0.720 ± 0.010 (3) | 0.700 | 0.710 ± 0.010 (3) | 0.690 | 0.730 ± 0.010 (3) | 0.600 |" in text
+    assert "0.7300 vs 0.7200 (+0.0100) on 5 task(s); 11.1x fewer" in text and "holds (" in text
+    assert "0.25x (15 paired runs)" in text and "RTE +0.010" in text

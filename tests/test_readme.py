@@ -43,10 +43,12 @@ def test_readme_trainer_recipe_runs(tmp_path):
 
 
 def test_readme_results_section_is_generated_from_the_result_files():
-    """Every number in the README's Results section comes from the committed result files: the section
-    is exactly what `python notebooks/benchmark.py readme-results` prints from them."""
+    """Every number in the README's generated blocks (Results, the diagnosis, protocol v2) comes from the
+    committed result files: each block is exactly what `python notebooks/benchmark.py readme-results`
+    makes from them."""
     from bench import report
     text = (ROOT / "README.md").read_text()
-    begin = text.index("<!-- results:begin")
-    section = text[text.index("\n", begin) + 1:text.index("<!-- results:end -->")]
-    assert section == report.results_markdown(), "README Results section is stale: regenerate it"
+    for name, block in report.readme_blocks().items():
+        begin = text.index(f"<!-- {name}:begin")
+        section = text[text.index("\n", begin) + 1:text.index(f"<!-- {name}:end -->")]
+        assert section == block, f"README block {name!r} is stale: run python notebooks/benchmark.py readme-results --write"

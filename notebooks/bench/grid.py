@@ -360,6 +360,30 @@ def _estimate_s(job, plan) -> float | None:
     return frac * steps * p["step_ms"] / 1000 + epochs * p["eval_s"]
 
 
+def protocol_cost(protocol: str = "v2", workers: int = 2, widen: int = 0) -> dict:
+    """What a protocol's search and grid should cost here, before any of its runs: each job's CPU time
+    taken from protocol v1's measured runs of the same (task, method) (mean cpu_s, x 0.9 for the 90%
+    training part of the held-out split), else from the plan (results/grid_plan_cpu.json). v2's search
+    counts V2_FACTORS per (method, task) plus `widen` extra factors for each. Hours of `workers` 1-thread
+    workers: dict(search_h, grid_h, total_h, jobs)."""
+    plan = read_records(PLAN_CPU)
+    v1 = [r for r in read_records(GLUE_CPU) if r.get("kind") == "grid"]
+
+    def cost(task, method, heldout):
+        rs = [r.get("cpu_s") or r["wall_s"] for r in v1 if r["task"] == task and r["method"] == method]
+        if rs:
+            return statistics.mean(rs) * (0.9 if heldout else 1.0)
+        return _estimate_s(dict(task=task, method=method, split="heldout" if heldout else "dev"), plan) or 0.0
+    if protocol == "v1":
+        search = [(j["task"], j["method"]) for j in cpu_jobs(protocol="v1") if j["kind"] == "lr_search"]
+    else:
+        search = [(t, m) for t in TASKS for m in METHODS for _ in range(len(V2_FACTORS) + widen)]
+    search_s = sum(cost(t, m, True) for t, m in search)
+    grid_s = sum(cost(t, m, False) for t in TASKS for m in METHODS for _ in SEEDS)
+    return dict(search_h=search_s / 3600 / workers, grid_h=grid_s / 3600 / workers,
+                total_h=(search_s + grid_s) / 3600 / workers, jobs=len(search) + len(TASKS) * len(METHODS) * len(SEEDS))
+
+
 def run_cpu_grid(workers=2, seeds=SEEDS, methods=METHODS, tasks=TASKS, poll_s=10.0, report_s=300.0,
                  nice=5, log=print, results_dir=None, override=None, protocol="v1", jobs=None) -> bool:
     """Run every job not yet in the results files, `workers` at a time, each a 1-thread process

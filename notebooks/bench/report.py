@@ -318,3 +318,111 @@ def results_markdown() -> str:
     return "\n".join(out) + "\n"
 
 
+
+
+def diagnosis_markdown() -> str:
+    """The README's diagnosis block, from results/diagnosis_cpu.json only (regenerate with
+    `python notebooks/benchmark.py readme-results`)."""
+    from bench import diagnosis as D
+    recs = read_records(G.RESULTS_DIR / G.DIAGNOSIS_FILE)
+    n_jobs = len(D.diagnosis_jobs())
+    out = [f"Status: {len(recs)} of {n_jobs} diagnosis runs are in "
+           "[`diagnosis_cpu.json`](notebooks/results/diagnosis_cpu.json)"
+           + (" (unfinished: the same command resumes it)." if len(recs) < n_jobs else ".")]
+    if recs:
+        out += ["", "Held-out score (best epoch, mean ± sd over seeds (n)), runs whose pooled features collapsed, "
+                "the final feature spread, the largest feed-forward |ΔW| at the end, and the step by which "
+                "AFLoRA's A and B were all frozen (of T):", "", "```text", D.table(recs), "```"]
+        try:
+            out += ["", "Warm-up rule for protocol v2: " + D.warmup_choice(recs)[1] + "."]
+        except RuntimeError:
+            out += ["", "Warm-up rule for protocol v2: not decided yet (the released-head and warmup-floor arms "
+                    "are unfinished)."]
+    return "\n".join(out) + "\n"
+
+
+def v2_search_table(records) -> str:
+    """Protocol v2's search: per (method, task) the held-out score of each factor tried and the choice."""
+    lines = [f"{'method':8s} {'task':6s} {'factors tried: held-out score (best epoch)':60s} chosen"]
+    for m in METHODS:
+        for t in TASKS:
+            rs = sorted((r for r in records if r["method"] == m and r["task"] == t), key=lambda r: r["lr_factor"])
+            if not rs:
+                continue
+            chosen = G.v2_search(records, m, t)[1]
+            tried = "  ".join(f"x{r['lr_factor']:.3g}: {r['best']:.4f}" for r in rs)
+            lines.append(f"{m:8s} {t:6s} {tried:60s} {'-' if chosen is None else f'x{chosen:.3g}'}")
+    return "\n".join(lines)
+
+
+def v2_markdown() -> str:
+    """The README's protocol-v2 block, from lr_search_cpu_v2.json and glue_cpu_v2.json only, with v1's
+    means beside v2's."""
+    search = read_records(G.results_file("v2", "lr_search"))
+    grid = [r for r in read_records(G.results_file("v2", "grid")) if r.get("kind") == "grid"]
+    v1 = [r for r in read_records(G.GLUE_CPU) if r.get("kind") == "grid"]
+    out = [f"Status: {len(search)} learning-rate search runs (15 (method, task) searches of 3 to 5 factors) and "
+           f"{len(grid)} of {GRID_RUNS} grid runs are in "
+           "[`lr_search_cpu_v2.json`](notebooks/results/lr_search_cpu_v2.json) and "
+           "[`glue_cpu_v2.json`](notebooks/results/glue_cpu_v2.json)"
+           + (" (unfinished: the same command resumes it)." if len(grid) < GRID_RUNS else ".")]
+    if search:
+        out += ["", "**Search** (held-out 10% of each training split, seed 0):", "", "```text",
+                v2_search_table(search), "```"]
+    if not grid:
+        return "\n".join(out) + "\n"
+    out += ["", "**Accuracy, v2** (best dev epoch, mean ± sd over seeds (n)), v1's mean beside it:", "",
+            "| task | " + " | ".join(f"{METHOD_LABELS[m]} v2 | v1" for m in METHODS) + " |",
+            "|---" * (2 * len(METHODS) + 1) + "|"]
+    for t in TASKS:
+        cells = []
+        for m in METHODS:
+            v = [r["best"] for r in grid if r["task"] == t and r["method"] == m]
+            w = [r["best"] for r in v1 if r["task"] == t and r["method"] == m]
+            sd = statistics.stdev(v) if len(v) > 1 else 0.0
+            cells += ["pending" if not v else f"{statistics.mean(v):.3f} ± {sd:.3f} ({len(v)})",
+                      f"{statistics.mean(w):.3f}" if w else "-"]
+        out.append(f"| {t} ({helpers.TASKS[t]['metric']}) | " + " | ".join(cells) + " |")
+    fair = complete_tasks(grid)
+    if fair:
+        g2, g1 = summarize_glue([r for r in grid if r["task"] in fair]), summarize_glue([r for r in v1 if r["task"] in fair])
+        out.append(f"| mean over {', '.join(fair)} | " + " | ".join(
+            f"{g2[m]['mean']:.3f} | {g1[m]['mean']:.3f}" for m in METHODS) + " |")
+        out.append("| time-averaged trainable params | " + " | ".join(
+            f"{g2[m]['params']:,.0f} | {g1[m]['params']:,.0f}" for m in METHODS) + " |")
+    rows = {r["target"]: r for r in targets(grid, None, "glue_cpu_v2.json")}
+    final = len(grid) >= GRID_RUNS
+
+    def verdict(r):
+        if r["status"] == "not measured yet":
+            return "not measured yet."
+        return ("holds" if r["status"] == "met" else "does not hold") + ("" if final else " so far") + f" ({r['value']})."
+    out += ["", "**The paper's claims under protocol v2** (computed from `glue_cpu_v2.json`):", "",
+            "- AFLoRA matches or beats LoRA with >= 5x fewer time-averaged parameters: "
+            + verdict(rows["AFLoRA mean >= LoRA mean, with >= 5x fewer time-averaged params"]),
+            "- An AFLoRA run takes <= 0.6x of an ELoRA run: " + verdict(rows["AFLoRA whole-run time <= 0.6x ELoRA's"])]
+    if fair:
+        gaps = {t: statistics.mean(r["best"] for r in grid if r["task"] == t and r["method"] == "aflora")
+                - statistics.mean(r["best"] for r in grid if r["task"] == t and r["method"] == "lora") for t in fair}
+        out.append("- AFLoRA - LoRA per task: " + ", ".join(f"{t} {d:+.3f}" for t, d in gaps.items()) + ".")
+    return "\n".join(out) + "\n"
+
+
+def readme_blocks() -> dict:
+    """{marker name: text} of the README's generated blocks: between `<!-- NAME:begin ... -->` and
+    `<!-- NAME:end -->` the README holds exactly this text (tests/test_readme.py checks it)."""
+    return dict(results=results_markdown(), diagnosis=diagnosis_markdown(), v2=v2_markdown())
+
+
+def update_readme(path) -> list[str]:
+    """Rewrite the generated blocks of the README at `path` in place; returns the names that changed."""
+    from pathlib import Path
+    path = Path(path)
+    text, changed = path.read_text(encoding="utf-8"), []
+    for name, block in readme_blocks().items():
+        begin = text.index(f"<!-- {name}:begin")
+        start, end = text.index("\n", begin) + 1, text.index(f"<!-- {name}:end -->")
+        if text[start:end] != block:
+            text, changed = text[:start] + block + text[end:], changed + [name]
+    path.write_text(text, encoding="utf-8")
+    return changed
