@@ -1,6 +1,10 @@
 """The exercise checks of notebooks/01_lora.ipynb (notebooks/exercises.py, section 01): each accepts
 the right answer, treats the placeholder `...` as not answered, and rejects the plausible wrong
 answers with an AssertionError. No model is needed: the layer shapes are MiniLM-L6's."""
+import ast
+import json
+from pathlib import Path
+
 import numpy as np
 import pytest
 
@@ -23,7 +27,7 @@ def test_shapes_give_the_known_lora_count():
 def test_placeholder_is_not_an_error(capsys):
     assert ex.ex01_1(..., SHAPES, 16) is False
     assert ex.ex01_2(..., SHAPES, 8, FULL_FT) is False
-    assert ex.ex01_3(..., 8, 8, 32) is False
+    assert ex.ex01_3(..., 8, 8, 16, (8, 32)) is False
     assert ex.ex01_4(..., 8, 32) is False
     assert capsys.readouterr().out.count("not answered yet") == 4
 
@@ -33,8 +37,8 @@ def test_right_answers(capsys):
     assert ex.ex01_1(np.int64(663_552), SHAPES, 16) is True
     assert ex.ex01_2((73_728, 0.325), SHAPES, 8, FULL_FT, built=73_728) is True
     assert ex.ex01_2([73_728, 100 * 73_728 / FULL_FT], SHAPES, 8, FULL_FT) is True
-    assert ex.ex01_3(4, 8, 8, 32, measured=4.0) is True
-    assert ex.ex01_3(4.0, 8, 8, 32) is True
+    assert ex.ex01_3((0.5, 2), 8, 8, 16, (8, 32), measured=(0.5, 2.0)) is True
+    assert ex.ex01_3([1 / 2, np.float64(2.0)], 8, 8, 16, (8, 32)) is True
     assert ex.ex01_4((16, 4), 8, 32, measured={"SGD": 15.999, "Adam": 4.009}) is True
     assert ex.ex01_4((16.0, 4.0), 8, 32) is True
     assert capsys.readouterr().out.count("\u2713") == 8
@@ -63,7 +67,9 @@ def test_ex1_rejects_inconsistent_build():
     (73_728, 0.003),              # the same, rounded
     (73_728, 100 * 73_728 / 23_045_762),   # divided by the adapted model's total (0.320)
     (73_728, 100 * 73_728 / (22_713_986 + 73_728)),   # divided by a count that includes the adapters
-    (73_728, 0.32),               # too coarse / wrong denominator
+    (73_728, 0.32),               # two significant figures only
+    (73_728, 0.324),              # truncated (or 0.3235, a denominator with the adapters, rounded)
+    (73_728, 0.327),              # PEFT's trainable% of the q, v model: head included, over all parameters
     (73_728, 1.46),               # the percentage of all six targets
     (331_776, 1.46),              # all six targets
     (12_288, 0.054),              # one block only
@@ -77,15 +83,51 @@ def test_ex2_rejects(wrong):
         ex.ex01_2(wrong, SHAPES, 8, FULL_FT)
 
 
-@pytest.mark.parametrize("wrong", [32, 1, 0.25, 16, 24, 8, "4x", 3.9])
+@pytest.mark.parametrize("pct", [0.325, 0.3246, 0.32459, 100 * 73_728 / FULL_FT])
+def test_ex2_accepts_the_percentage_rounded_to_three_or_more_figures(pct, capsys):
+    assert ex.ex01_2((73_728, pct), SHAPES, 8, FULL_FT) is True
+
+
+@pytest.mark.parametrize("pct", [0.32, 0.33, 0.3])
+def test_ex2_two_figures_get_a_rounding_hint_not_a_denominator_one(pct):
+    """0.32 and 0.33 are the right percentage rounded too far (0.33: 0.325 rounded again)."""
+    with pytest.raises(AssertionError, match="right up to rounding") as err:
+        ex.ex01_2((73_728, pct), SHAPES, 8, FULL_FT)
+    assert "divide" not in str(err.value) and "denominator" not in str(err.value)
+
+
+def test_ex2_wrong_denominators_are_named():
+    with pytest.raises(AssertionError, match="22,787,714"):          # full_ft + the q, v adapters
+        ex.ex01_2((73_728, 100 * 73_728 / (FULL_FT + 73_728)), SHAPES, 8, FULL_FT)
+    with pytest.raises(AssertionError, match="23,045,762"):          # the all-six model's total
+        ex.ex01_2((73_728, 0.3199), SHAPES, 8, FULL_FT)
+    with pytest.raises(AssertionError, match="truncated"):           # 0.3246 truncated, or 0.3235 rounded
+        ex.ex01_2((73_728, 0.324), SHAPES, 8, FULL_FT)
+
+
+@pytest.mark.parametrize("wrong", [
+    (1, 4),                       # α's ratio alone, α_new / α_old: r changed too
+    (2, 8),                       # r's ratio multiplied instead of divided
+    (2, 0.5),                     # swapped
+    (0.25, 4), (1, 1), (0.5, 4), (1, 2), (4, 4),
+    0.5, 2, (0.5,), (0.5, 2, 4), ("0.5", 2), None,
+])
 def test_ex3_rejects(wrong):
     with pytest.raises(AssertionError):
-        ex.ex01_3(wrong, 8, 8, 32)
+        ex.ex01_3(wrong, 8, 8, 16, (8, 32))
 
 
-def test_ex3_rejects_layers_that_do_not_share_A_B():
-    with pytest.raises(AssertionError):
-        ex.ex01_3(4, 8, 8, 32, measured=3.2)
+def test_ex3_naive_alpha_ratio_fails_with_a_hint_on_r():
+    """The old Ex3 (same r, α 8 -> 32) was passed by α_new / α_old; now r changes, and that ratio fails."""
+    with pytest.raises(AssertionError, match=r"α's ratio alone.*r went from 8 to 16"):
+        ex.ex01_3((8 / 8, 32 / 8), 8, 8, 16, (8, 32))
+    with pytest.raises(AssertionError, match="upside down in r"):
+        ex.ex01_3((2, 8), 8, 8, 16, (8, 32))
+
+
+def test_ex3_rejects_layers_that_do_not_keep_BA():
+    with pytest.raises(AssertionError, match="keep B A"):
+        ex.ex01_3((0.5, 2), 8, 8, 16, (8, 32), measured=(1.0, 4.0))
 
 
 @pytest.mark.parametrize("wrong", [
@@ -104,3 +146,39 @@ def test_ex4_rejects(wrong):
 def test_ex4_rejects_a_run_that_contradicts_the_math():
     with pytest.raises(AssertionError):
         ex.ex01_4((16, 4), 8, 32, measured={"SGD": 4.0, "Adam": 4.0})
+
+
+def test_ex4_a_wrong_answer_gets_its_hint_before_the_run_is_judged():
+    """The run's consistency message states the true ratios, so a wrong answer must not reach it."""
+    with pytest.raises(AssertionError, match="Adam: its first step") as err:
+        ex.ex01_4((16, 16), 8, 32, measured={"SGD": 4.0, "Adam": 4.0})
+    assert "should give" not in str(err.value)
+
+
+# ---------------------------------------------------------------- the notebook around the checks
+NB = Path(__file__).resolve().parents[1] / "notebooks" / "01_lora.ipynb"
+
+
+def _cells():
+    return json.loads(NB.read_text(encoding="utf-8"))["cells"]
+
+
+def test_notebook_01_experiment_is_revealed_only_by_a_passed_check():
+    """Ex4 is "predict, then run": the experiment cell prints and plots nothing at top level; the
+    reveal is called only inside `if exercises.ex01_4(...)`, which is True only for a right answer."""
+    cells = [c for c in _cells() if c["cell_type"] == "code"]
+    exp = next(c for c in cells if "def delta_w_norms" in "".join(c["source"]))
+    tree = ast.parse("".join(exp["source"]))
+    for node in tree.body:                 # top-level statements: definitions and assignments only
+        assert isinstance(node, (ast.Assign, ast.FunctionDef)), ast.dump(node)[:80]
+    assert not exp["outputs"], "the stored outputs of the experiment cell would reveal the answer"
+    check = next(c for c in cells if "exercises.ex01_4(" in "".join(c["source"]))
+    (stmt,) = ast.parse("".join(check["source"])).body
+    assert isinstance(stmt, ast.If) and "ex01_4" in ast.unparse(stmt.test)
+    assert "show_alpha_experiment" in ast.unparse(stmt.body[0])
+
+
+def test_notebook_01_uses_the_nbval_tag_not_the_comment():
+    cells = [c for c in _cells() if c["cell_type"] == "code"]
+    assert not [c["id"] for c in cells if "NBVAL_IGNORE_OUTPUT" in "".join(c["source"])]
+    assert sum("nbval-ignore-output" in c["metadata"].get("tags", []) for c in cells) >= 3

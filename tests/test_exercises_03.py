@@ -69,7 +69,8 @@ TRUTH_1 = np.mean([c for _, c in PER_STEP])                # 56.0
 def test_placeholder_is_not_an_error(capsys):
     fz = am.AFLoRAFreezer(toy(), total_steps=30, t_init=15, t_final=3, window=5)
     assert ex.ex03_1(..., HISTORY, PER_STEP) is False
-    assert ex.ex03_2(..., am.add_adapters(minilm_shaped(), "aflora", TARGETS, r=4, adaptive=True, train=())) is False
+    assert ex.ex03_2(..., am.add_adapters(minilm_shaped(), "aflora", ["query", "intermediate.dense"], r=4,
+                                          adaptive=True, train=())) is False
     assert ex.ex03_3(..., fz) is False
     assert ex.ex03_4(..., fz) is False                     # not answered: nothing else is looked at
     assert capsys.readouterr().out.count("not answered yet") == 4
@@ -94,6 +95,31 @@ def test_ex1_rejects(wrong):
         ex.ex03_1(wrong, HISTORY, PER_STEP)
 
 
+# a run whose exact time average is not a whole number: 569 / 10 = 56.9, and 569 // 10 = 56
+HISTORY_F = [(0, 100), (4, 63), (7, 20)]
+PER_STEP_F = [(t, 100 if t < 4 else 63 if t < 7 else 20) for t in range(1, 11)]
+
+
+def test_ex1_accepts_integer_division_and_rounding(capsys):
+    total = sum(c for _, c in PER_STEP_F)
+    assert (total, total // 10) == (569, 56)
+    for right in (total / 10, total // 10, round(total / 10), np.int64(total // 10)):
+        assert ex.ex03_1(right, HISTORY_F, PER_STEP_F) is True     # 56 was rejected with "divide by T" before
+    assert capsys.readouterr().out.count("\u2713") == 4
+
+
+@pytest.mark.parametrize("wrong, hint", [
+    (569, "divides it by the number of steps"),          # the sum, not divided
+    (569 / 9, "you divided by 9"), (569 // 11, "you divided by 11"),
+    (55, "not quite"), (58, "not quite"),
+])
+def test_ex1_says_divide_only_when_not_divided(wrong, hint):
+    with pytest.raises(AssertionError, match=hint) as err:
+        ex.ex03_1(wrong, HISTORY_F, PER_STEP_F)
+    if hint == "not quite":
+        assert "divide" not in str(err.value)
+
+
 def test_ex1_refuses_inputs_of_two_runs():
     with pytest.raises(RuntimeError):
         ex.ex03_1(56, [(0, 100), (5, 60), (7, 20)], PER_STEP)
@@ -109,36 +135,50 @@ def test_ex1_on_a_driven_freezer():
     assert ex.ex03_1(fz.time_averaged_trainable(), fz.history, counts) is True
 
 
-# ------------------------------------------------------------------ Ex 2: adaptive=True everywhere
+# ------------------------------------------------------------------ Ex 2: query and intermediate.dense, adaptive=True
+EX2_TARGETS = ["query", "intermediate.dense"]
+START_2 = 6 * ((4 + 384 + 4 * 384 + 384 * 4) + (4 + 1536 + 4 * 384 + 1536 * 4))      # 76,080
+END_2 = 6 * ((4 + 384) + (4 + 1536))                                                   # 11,568
+
+
 @pytest.fixture(scope="module")
 def model_all():
-    return am.add_adapters(minilm_shaped(), "aflora", TARGETS, r=4, adaptive=True, train=())
+    return am.add_adapters(minilm_shaped(), "aflora", EX2_TARGETS, r=4, adaptive=True, train=())
 
 
 def test_ex2_right(model_all, capsys):
-    assert ex.ex03_2((186_768, 20_880), model_all) is True
-    assert ex.ex03_2([np.int64(186_768), 20_880.0], model_all) is True
+    assert (START_2, END_2) == (76_080, 11_568)
+    assert ex.ex03_2((76_080, 11_568), model_all) is True
+    assert ex.ex03_2([np.int64(76_080), 11_568.0], model_all) is True
     assert capsys.readouterr().out.count("\u2713") == 2
 
 
-@pytest.mark.parametrize("wrong", [
-    (113_040, 20_880),             # the default policy (only the FFN matrices adaptive)
-    (20_880, 186_768),             # swapped
-    (186_768 + 770, 20_880),       # classifier head included
-    (186_768, 0),                  # d and b forgotten once frozen
-    (186_768 - 20_880, 20_880),    # d and b forgotten at the start
-    (186_768, 20_880 + 770),
-    (186_768, 4 * 36),             # only d
-    186_768, (186_768,), ("186768", "20880"), (186_768.5, 20_880),
+B_SIZED_D_IN = (6 * ((4 + 384 + 4 * 384 + 384 * 4) + (4 + 384 + 4 * 384 + 1536 * 4)), 6 * ((4 + 384) + (4 + 384)))
+
+
+@pytest.mark.parametrize("wrong, hint", [
+    (B_SIZED_D_IN, "d_out entries"),                  # b sized d_in: the old Ex 2 (all six targets) accepted this
+    ((B_SIZED_D_IN[0], END_2), "d_out entries"),
+    ((START_2, B_SIZED_D_IN[1]), "d_out entries"),
+    ((6 * ((4 + 384) + (4 + 1536 + 4 * 384 + 1536 * 4)), END_2), "default policy"),   # query's A, B left frozen
+    ((END_2, START_2), "swapped"),
+    ((START_2 + 770, END_2), "classifier"),
+    ((START_2, 0), "still train"),
+    ((START_2 - END_2, END_2), "d and b train as well"),
+    ((START_2, END_2 + 770), "d \\(r numbers\\)"),
+    ((186_768, 20_880), None), ((113_040, 20_880), None),   # the six-target answers of the old exercise
+    (START_2, None), ((START_2,), None), (("76080", "11568"), None), ((START_2 + 0.5, END_2), None),
 ])
-def test_ex2_rejects(model_all, wrong):
-    with pytest.raises(AssertionError):
+def test_ex2_rejects(model_all, wrong, hint):
+    with pytest.raises(AssertionError, match=hint):
         ex.ex03_2(wrong, model_all)
 
 
-def test_ex2_refuses_the_default_policy():
-    with pytest.raises(RuntimeError):
-        ex.ex03_2((186_768, 20_880), am.add_adapters(minilm_shaped(), "aflora", TARGETS, r=4, train=()))
+def test_ex2_refuses_other_models():
+    with pytest.raises(RuntimeError):                 # the default policy: query not adaptive
+        ex.ex03_2((START_2, END_2), am.add_adapters(minilm_shaped(), "aflora", EX2_TARGETS, r=4, train=()))
+    with pytest.raises(RuntimeError):                 # other targets
+        ex.ex03_2((START_2, END_2), am.add_adapters(minilm_shaped(), "aflora", TARGETS, r=4, adaptive=True, train=()))
 
 
 # ------------------------------------------------------------------ Ex 3: when can a matrix freeze
@@ -219,8 +259,9 @@ RIGHT_4 = {t: math.floor(M4 * rho4(t)) for t in (10, 15, 20, 21)}
 
 def test_ex4_right(fz_rank, capsys):
     assert RIGHT_4 == {10: 9, 15: 1, 20: 0, 21: 0}
-    assert ex.ex03_4(RIGHT_4, fz_rank) is True
-    assert ex.ex03_4({np.int64(t): float(v) for t, v in RIGHT_4.items()}, fz_rank) is True
+    assert min(fz_rank.frozen_at.values()) == 10
+    assert ex.ex03_4((RIGHT_4, 10), fz_rank) is True
+    assert ex.ex03_4([{np.int64(t): float(v) for t, v in RIGHT_4.items()}, np.int64(10)], fz_rank) is True
     assert capsys.readouterr().out.count("\u2713") == 2
 
 
@@ -233,9 +274,24 @@ def test_ex4_right(fz_rank, capsys):
     {t: math.floor(M4 * rho4(t)) for t in range(7, 22)},                # every step
     {11: 9, 16: 1, 21: 0, 22: 0},                                       # one step late
     {10: 10, 15: 2, 20: 1, 21: 0},
-    [9, 1, 0, 0], "10: 9", {10: "9", 15: 1, 20: 0, 21: 0},
 ])
-def test_ex4_rejects(fz_rank, wrong):
+def test_ex4_rejects_wrong_counts(fz_rank, wrong):
+    with pytest.raises(AssertionError):
+        ex.ex03_4((wrong, 10), fz_rank)
+
+
+@pytest.mark.parametrize("first, hint", [
+    (TI4, "warm-up"), (TI4 + 1, "not one"), (15, "your own counts"), (21, "your own counts"),
+])
+def test_ex4_checks_the_first_freeze(fz_rank, first, hint):
+    # before: the question asked for the first freeze and nothing checked it
+    with pytest.raises(AssertionError, match=hint):
+        ex.ex03_4((RIGHT_4, first), fz_rank)
+
+
+@pytest.mark.parametrize("wrong", [RIGHT_4, [9, 1, 0, 0], "10: 9", (RIGHT_4,), (RIGHT_4, 10, 15),
+                                   ({10: "9", 15: 1, 20: 0, 21: 0}, 10), (RIGHT_4, "10"), (RIGHT_4, 10.5)])
+def test_ex4_rejects_bad_forms(fz_rank, wrong):
     with pytest.raises(AssertionError):
         ex.ex03_4(wrong, fz_rank)
 
@@ -245,14 +301,113 @@ def test_ex4_rejects_the_quantile_runs_counts(fz_rank):
     counts = {t: sum(1 for n in fz_q.params if fz_q.frozen_at[n] > t) for t in (10, 15, 20, 21)}
     assert counts != RIGHT_4
     with pytest.raises(AssertionError):
-        ex.ex03_4(counts, fz_rank)
+        ex.ex03_4((counts, min(fz_q.frozen_at.values())), fz_rank)
 
 
 def test_ex4_refuses_a_quantile_or_unrun_freezer():
     fz_q = drive(am.AFLoRAFreezer(toy(12), total_steps=T4, t_init=TI4, t_final=TF4, window=W4))
     with pytest.raises(RuntimeError):
-        ex.ex03_4(RIGHT_4, fz_q)
+        ex.ex03_4((RIGHT_4, 10), fz_q)
     fresh = am.AFLoRAFreezer(toy(12), total_steps=T4, t_init=TI4, t_final=TF4, window=W4, rule="rank")
     with pytest.raises(RuntimeError):
-        ex.ex03_4(RIGHT_4, fresh)
+        ex.ex03_4((RIGHT_4, 10), fresh)
     fresh.remove()
+
+
+# ------------------------------------------------------------------ Ex 5: the rule, written by the student
+BETA1, BETA2 = 0.85, 0.95
+
+
+def freeze_now(window_grads, i_bar, u_bar, rho):
+    """A right answer, written as a student would (not the check's own variant code)."""
+    new_i, new_u, s = {}, {}, {}
+    for n, grads in window_grads.items():
+        I = torch.stack([g.abs() for g in grads]).mean(0)
+        new_i[n] = BETA1 * i_bar[n] + (1 - BETA1) * I
+        new_u[n] = BETA2 * u_bar[n] + (1 - BETA2) * (I - new_i[n]).abs()
+        s[n] = new_i[n] * new_u[n]
+    pooled = torch.cat([v.flatten() for v in s.values()])
+    k = int(pooled.numel() * (1 - rho))
+    if k < 1:
+        return [], new_i, new_u
+    q = pooled.kthvalue(k).values.item()
+    return [n for n in s if s[n].mean().item() < q], new_i, new_u
+
+
+def with_mistake(kind):
+    """freeze_now with one plausible mistake."""
+    def fn(window_grads, i_bar, u_bar, rho):
+        new_i, new_u, s = {}, {}, {}
+        for n, grads in window_grads.items():
+            I = torch.stack([g.abs() for g in grads]).mean(0)
+            new_i[n] = BETA1 * i_bar[n] + (1 - BETA1) * I
+            old = i_bar[n] if kind == "old i_bar" else new_i[n]
+            new_u[n] = BETA2 * u_bar[n] + (1 - BETA2) * (I - old).abs()
+            s[n] = new_i[n] * new_u[n]
+        means = {n: v.mean().item() for n, v in s.items()}
+        if kind == "means":                              # the quantile over the matrix means
+            pooled = torch.tensor(sorted(means.values()))
+        else:
+            pooled = torch.cat([v.flatten() for v in s.values()])
+        k = int(pooled.numel() * (rho if kind == "rho" else 1 - rho))
+        if k < 1:
+            return [], new_i, new_u
+        q = pooled.kthvalue(k).values.item()
+        return [n for n in s if means[n] < q], new_i, new_u
+    return fn
+
+
+def test_ex5_right(capsys):
+    assert ex.ex03_5(freeze_now) is True
+    as_numpy = lambda *a: (set(freeze_now(*a)[0]), {n: v.numpy() for n, v in freeze_now(*a)[1].items()},
+                           {n: v.numpy() for n, v in freeze_now(*a)[2].items()})
+    assert ex.ex03_5(as_numpy) is True                   # a set and numpy arrays are fine
+    assert ex.ex03_5(ex._ex03_5_variant("interpolated quantile")) is True   # the same decisions here
+    assert capsys.readouterr().out.count("\u2713") == 3
+
+
+@pytest.mark.parametrize("kind, hint", [
+    ("means", "ELEMENT scores"),                         # the quantile over matrix means
+    ("rho", "1 - rho"),                                  # rho for 1 - rho
+    ("old i_bar", "NEW Ī"),
+])
+def test_ex5_rejects_student_mistakes(kind, hint):
+    with pytest.raises(AssertionError, match=hint):
+        ex.ex03_5(with_mistake(kind))
+
+
+@pytest.mark.parametrize("kind", list(ex._EX03_5_HINTS))
+def test_ex5_every_mistake_gets_its_hint(kind):
+    with pytest.raises(AssertionError) as err:
+        ex.ex03_5(ex._ex03_5_variant(kind))
+    assert str(err.value) == ex._EX03_5_HINTS[kind]
+
+
+def test_ex5_the_replay_tells_every_mistake_apart():
+    # each mistake changes Ī, Ū or at least one decision of the replayed runs, and the right rule changes nothing
+    fns = {k: ex._ex03_5_variant(k) for k in ["right", *ex._EX03_5_HINTS]}
+    decisions = [d for run in ex._EX03_5_RUNS for d in ex._ex03_5_replay(fns, *run)]
+    assert len(decisions) >= 10 and sum(len(d["frozen"]) for d in decisions) >= 30
+    differs = lambda k, d: (set(d["answers"][k][0]) != d["frozen"] or not ex._ex03_5_same(d["answers"][k][1], d["i_bar"])
+                            or not ex._ex03_5_same(d["answers"][k][2], d["u_bar"]))
+    assert not any(differs("right", d) for d in decisions)
+    assert all(any(differs(k, d) for d in decisions) for k in ex._EX03_5_HINTS)
+
+
+@pytest.mark.parametrize("wrong, hint", [
+    (lambda w, i, u, rho: list(w), "three things"),                       # only the names
+    (lambda w, i, u, rho: ("x", i, u), "list or set"),
+    (lambda w, i, u, rho: (["nope"], i, u), "not still-trainable"),
+    (lambda w, i, u, rho: 1 / 0, "ZeroDivisionError"),
+    (lambda w, i, u, rho: ([], i, u), "Ī differs"),                       # nothing updated, nothing frozen
+    (lambda w, i, u, rho: (list(w), *freeze_now(w, i, u, rho)[1:]), "your Ī and Ū are right"),   # freezes all
+    (42, "should be a function"),
+])
+def test_ex5_rejects_bad_functions(wrong, hint):
+    with pytest.raises(AssertionError, match=hint):
+        ex.ex03_5(wrong)
+
+
+def test_ex5_placeholder(capsys):
+    assert ex.ex03_5(...) is False
+    assert "not answered yet" in capsys.readouterr().out

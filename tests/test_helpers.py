@@ -297,3 +297,29 @@ def test_train_with_aflora_freezer(sst2_model):
     assert counts == sorted(counts, reverse=True) and freezer.optimizer is not None
     # one convention: the library's time average is the mean of the per-step counts
     assert freezer.time_averaged_trainable() == pytest.approx(np.mean(counts), rel=1e-12)
+
+
+# ---------------------------------------------------------------- notebook 01's LoRA diagram
+def test_draw_lora_draws_the_matrices_to_scale():
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.colors import to_rgba
+    fig, ax = plt.subplots()
+    try:
+        drawn = H.draw_lora(ax, d_in=384, d_out=1536, r=8)
+        names = [label.split("\n")[0] for label, _ in drawn]
+        assert names == ["h", "W₀", "x", "B", "A", "x"]
+        rect = {name: r for name, (_, r) in zip(names, drawn)}
+        unit = rect["W₀"].get_height() / np.sqrt(1536)           # sides on a square-root scale
+        assert rect["W₀"].get_width() == pytest.approx(unit * np.sqrt(384))
+        assert rect["B"].get_width() == pytest.approx(unit * np.sqrt(8))
+        assert rect["A"].get_height() == pytest.approx(unit * np.sqrt(8))
+        assert rect["A"].get_width() == pytest.approx(unit * np.sqrt(384))
+        lora = to_rgba(H.METHOD_COLORS["lora"])
+        assert rect["A"].get_facecolor() == lora and rect["B"].get_facecolor() == lora   # trained
+        assert rect["W₀"].get_facecolor() != lora                                          # frozen
+        xs = [r.get_x() for _, r in drawn]
+        assert xs == sorted(xs)                                   # left to right: W0 x, then B A x
+    finally:
+        plt.close(fig)
