@@ -1050,7 +1050,7 @@ def draw_three_updates(d_in=384, d_out=1536, ranks=None):
           (f"d\n{r['aflora']}", r["aflora"], 1, c["aflora"]),
           (f"A\n{r['aflora']}×{d_in}", r["aflora"], d_in, c["aflora"], "////")]),
     ]
-    fig, axes = plt.subplots(3, 1, figsize=(7, 6.6))
+    fig, axes = plt.subplots(3, 1, figsize=(7.5, 7.6))
     right, top = 0.0, 0.0
     for ax, (_, title, items) in zip(axes, rows):
         drawn = draw_blocks(ax, items)
@@ -1058,10 +1058,9 @@ def draw_three_updates(d_in=384, d_out=1536, ranks=None):
         top = max(top, max(rect.get_height() for _, rect in drawn) / 2)
         ax.set_title(title, loc="left", fontsize=8.5)
     for ax in axes:                                        # one scale for the three rows
-        ax.set_xlim(-0.3, right + 0.3)
+        ax.set_xlim(-0.3, right + 3.0)                     # room on the right for the long titles
         ax.set_ylim(-top - 0.55, top + 0.1)
         ax.set_aspect("equal")
-        ax.set_anchor("W")
         ax.axis("off")
     fig.legend(handles=[Patch(fc=c[m], ec="k", label=f"trained ({METHOD_LABELS[m]})") for m in ("lora", "elora", "aflora")]
                + [Patch(fc=c["aflora"], ec="k", hatch="////", label="trained, then frozen (AFLoRA)"),
@@ -1069,7 +1068,7 @@ def draw_three_updates(d_in=384, d_out=1536, ranks=None):
                loc="lower center", ncol=3, frameon=False)
     fig.suptitle(f"ΔW of one feed-forward matrix ({d_in} → {d_out}); b and d are the diagonals of Λ_b and Λ_d; "
                  "sides on a square-root scale", fontsize=8.5, y=0.995)
-    fig.tight_layout(rect=(0, 0.1, 1, 0.97))
+    fig.tight_layout(rect=(0, 0.08, 1, 0.97))
     return fig
 
 
@@ -1096,7 +1095,7 @@ def plot_schedule(steps, rho, decisions, t_init, t_final, window, title=""):
     ax1.set_xlabel("step t"); ax1.set_ylabel("ρ(t): the fraction\nthat may still train")
     ax1.set_xlim(0, T)
     fig.legend(*ax0.get_legend_handles_labels(), loc="lower center", ncol=1, frameon=False, fontsize=7.5)
-    fig.tight_layout(rect=(0, 0.22, 1, 1))
+    fig.tight_layout(rect=(0, 0.18, 1, 1))
     return fig
 
 
@@ -1292,5 +1291,21 @@ def plot_grid(records, tasks, methods, title=""):
     axp.set_xticks(range(len(methods)), [METHOD_LABELS[m].replace(" ", "\n") for m in methods])
     axp.set_xlim(-0.6, len(methods) - 0.4); axp.set_ylim(bottom=0)
     axp.set_title("trainable params (time average for AFLoRA)", fontsize=9)
+    fig.tight_layout()
+    return fig
+
+
+def plot_b_and_gradients(b_mean, grad_mean, tag=""):
+    """Two panels: the mean |b| of the feed-forward adapters per step (it starts at 0), and the mean |∇| of
+    each kind of adaptive matrix per step (log scale, KIND_COLORS). grad_mean: {kind: array over steps}."""
+    import matplotlib.pyplot as plt
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 3))
+    ax1.plot(np.arange(1, len(b_mean) + 1), b_mean, color="k")
+    ax1.set_xlabel("step"); ax1.set_ylabel("mean |b|, feed-forward adapters"); ax1.set_title(f"b grows from 0{tag}")
+    for k, v in grad_mean.items():
+        ax2.plot(np.arange(1, len(v) + 1), v, color=KIND_COLORS[k], label=k)
+    ax2.set_yscale("log"); ax2.set_xlabel("step"); ax2.set_ylabel("mean |∇| (6 layers)")
+    ax2.set_title(f"gradients of A and B{tag}")
+    ax2.legend(loc="upper left", bbox_to_anchor=(1.01, 1), frameon=False)
     fig.tight_layout()
     return fig

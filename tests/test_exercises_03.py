@@ -411,3 +411,78 @@ def test_ex5_rejects_bad_functions(wrong, hint):
 def test_ex5_placeholder(capsys):
     assert ex.ex03_5(...) is False
     assert "not answered yet" in capsys.readouterr().out
+
+
+def test_ex2_the_old_target_set_could_not_tell_b_sized_d_in():
+    # all six targets: d_in and d_out sum the same over MiniLM's layers, so b sized d_in gave the right count;
+    # query + intermediate.dense: they differ, and the check names the mistake
+    six = [(384, 384)] * 4 + [(384, 1536), (1536, 384)]
+    two = [(384, 384), (384, 1536)]
+    assert sum(i for i, _ in six) == sum(o for _, o in six)
+    assert sum(i for i, _ in two) != sum(o for _, o in two)
+
+
+# ------------------------------------------------------------------ notebook 03's helpers
+def _records(protocol_runs):
+    from bench import protocol as P
+    return [dict(task=t, method=m, seed=s, kind="grid", mode="cpu", best=0.5)
+            for t in P.TASKS for m in P.METHODS for s in P.SEEDS][:protocol_runs]
+
+
+def test_cpu_grid_reads_v2_only_when_complete(tmp_path, monkeypatch):
+    import json
+    import helpers
+    from bench import protocol as P
+    monkeypatch.setattr(P, "RESULTS", tmp_path)
+    (tmp_path / "glue_cpu.json").write_text(json.dumps(_records(45)))
+    g = helpers.cpu_grid()
+    assert (g["protocol"], g["file"], len(g["records"])) == ("v1", "glue_cpu.json", 45)
+    assert "does not exist yet" in g["note"]
+    (tmp_path / "glue_cpu_v2.json").write_text(json.dumps(_records(44)))
+    g = helpers.cpu_grid()
+    assert g["protocol"] == "v1" and "44 of 45" in g["note"]
+    (tmp_path / "glue_cpu_v2.json").write_text(json.dumps(_records(45) + [dict(_records(1)[0], kind="lr_search")]))
+    g = helpers.cpu_grid()
+    assert (g["protocol"], g["file"], len(g["records"]), g["complete"]) == ("v2", "glue_cpu_v2.json", 45, True)
+
+
+def test_seed_gap_verdicts():
+    import helpers
+    assert helpers.seed_gap([0.79, 0.788, 0.797], [0.781, 0.773, 0.787])["beyond"] is True     # the stored laptop run
+    g = helpers.seed_gap([0.80, 0.70, 0.75], [0.76, 0.74, 0.74])
+    assert g["beyond"] is False and g["wins"] == 2 and math.isclose(g["gap"], 0.0033333, abs_tol=1e-6)
+    assert helpers.seed_gap([0.6], [0.5])["beyond"] is None                                    # one seed: no verdict
+
+
+# ------------------------------------------------------------------ the notebook's structure (issue 18)
+def _nb03_cells(name="03_aflora.ipynb"):
+    import json
+    from pathlib import Path
+    return json.loads((Path(__file__).resolve().parents[1] / "notebooks" / name).read_text())["cells"]
+
+
+@pytest.mark.parametrize("name", ["03_aflora.ipynb", "solutions/03_aflora_solutions.ipynb"])
+def test_notebook_03_uses_the_nbval_tag_not_the_comment(name):
+    code = [c for c in _nb03_cells(name) if c["cell_type"] == "code"]
+    assert not [c["id"] for c in code if "NBVAL_IGNORE_OUTPUT" in "".join(c["source"])]
+    assert any("nbval-ignore-output" in c["metadata"].get("tags", []) for c in code)
+
+
+def test_notebook_03_takes_method_colours_from_helpers_and_hard_codes_no_result():
+    cells = _nb03_cells()
+    code = "\n".join("".join(c["source"]) for c in cells if c["cell_type"] == "code")
+    text = "\n".join("".join(c["source"]) for c in cells if c["cell_type"] == "markdown")
+    assert "helpers.METHOD_COLORS" in code and "helpers.METHOD_LABELS" in code
+    assert not any(f'"{m}": "tab:' in code for m in ("lora", "elora", "aflora"))
+    for stale in ("7.1 min", "5.4 min", "about 10 minutes", "0.549", "0.676", "165 of 180", "0.792 ± 0.005",
+                  "Why the $B$ matrices freeze first"):
+        assert stale not in text and stale not in code, stale
+    assert text.count("https://github.com/zeyuliu1037/AFLoRA") >= 3
+
+
+def test_notebook_03_reveals_the_rank_rule_plot_only_after_the_check():
+    import ast
+    check = next(c for c in _nb03_cells() if "exercises.ex03_4(" in "".join(c["source"]))
+    (stmt,) = ast.parse("".join(check["source"])).body
+    assert isinstance(stmt, ast.If) and "ex03_4" in ast.unparse(stmt.test)
+    assert "rank_frac" in ast.unparse(stmt.body[0]) and "plot" in ast.unparse(stmt.body[1])
