@@ -33,7 +33,7 @@ def _parse_mode(value: str | None) -> str:
     """'fast' / 'laptop' / 'full' (case-insensitive); unset or empty -> 'full' on a GPU, else 'laptop'.
 
     fast    a small slice of every section, a few minutes per notebook: what CI runs
-    laptop  each notebook shows its method on a real task in 4 to 8 minutes on 2 CPU cores
+    laptop  each notebook shows its method on a real task in 1 to 8 minutes on 2 CPU cores
     full    the real schedules on whole tasks: meant for a GPU"""
     if value is None or not value.strip():
         return "full" if torch.cuda.is_available() else "laptop"
