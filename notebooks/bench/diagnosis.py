@@ -5,9 +5,10 @@ same seeded split as the learning-rate search); no dev set is seen. The CPU prot
 STS-B 3), batch 32, length 128, the adapter rates at factor 1 (the released AFLoRA rates for ELoRA and
 AFLoRA, 5e-4 for LoRA), seeds 0, 1, 2. Written down before any of its runs:
 
-  arm             change from protocol v1                         tasks          methods
-  v1-head         none: head 4e-3 (ELoRA, AFLoRA), = adapter       STS-B, CoLA    LoRA, ELoRA, AFLoRA
-                  rate (LoRA); 6% warm-up
+  arm             change from protocol v1 (all at factor 1)       tasks          methods
+  v1-head         none but the factor: v1's head rule, 4e-3        STS-B, CoLA    LoRA, ELoRA, AFLoRA
+                  (ELoRA, AFLoRA) or the adapter rate (LoRA), 6%
+                  warm-up (v1's grid ran AFLoRA at x1/3)
   released-head   head = the released per-task ratio x adapter     STS-B, CoLA    LoRA, ELoRA, AFLoRA
                   rate (CoLA 4x, STS-B 1x), every method
   warmup-floor    released-head + warm-up of at least              STS-B, CoLA    LoRA, ELoRA, AFLoRA
@@ -33,6 +34,16 @@ every DW_EVERY steps the Frobenius norm of each feed-forward layer's ΔW; beside
 the training loss per 10 steps (loss_curve), the held-out metric per epoch (dev_history) and, for
 AFLoRA, frozen_at. A run counts as collapsed when its final feature spread is below COLLAPSE_RATIO of
 its spread at step 1 (fixed before the runs).
+
+The probe leaves training alone: it draws nothing from torch's RNG and runs in eval mode. Until commit
+"diagnosis probe: no RNG draw" it did draw once, when it built its batch before step 1 (a DataLoader
+draws a seed when iterated): the 8 STS-B seed-0 runs (all arms) were trained with that one extra draw,
+i.e. with other dropout masks than a run without the probe, the same for all their arms. Every other
+run of the study has the masks of a plain run.
+
+Timeline: the arms, the floor and the collapse rule were committed (68829d0) before the first run; the
+v2 warm-up rule (warmup_choice) was committed after the first run (v1-head LoRA STS-B seed 0) had
+finished and before any released-head or warmup-floor run had.
 """
 from __future__ import annotations
 
@@ -94,10 +105,11 @@ def diagnosis_jobs(seeds=SEEDS) -> list[dict]:
 def make_probe(every: int = PROBE_EVERY, dw_every: int = DW_EVERY, n_examples: int = PROBE_EXAMPLES):
     """A probe for protocol.train_one: (model, tokenizer, held-out examples) -> probe(step)."""
     def build(model, tokenizer, examples):
-        batch = next(iter(helpers.make_loader(tokenizer, examples[:n_examples], n_examples, 128)))
+        with torch.random.fork_rng(devices=[]):      # iterating a DataLoader draws from torch's RNG
+            batch = next(iter(helpers.make_loader(tokenizer, examples[:n_examples], n_examples, 128)))
         batch = {k: v.to(next(model.parameters()).device) for k, v in batch.items() if k != "labels"}
         ffn = [(f"{m.group(2)}.{m.group(1)}", layer) for name, layer in am.adapter_layers(model)
-               for m in [_FFN.search(name)] if m and "attention" not in name]
+               for m in [_FFN.search(name)] if m]
         head = model.classifier
         seen = {}
 
@@ -197,6 +209,7 @@ def table(records) -> str:
         frozen = "-" if r["all_frozen_at"] is None else f"{r['all_frozen_at']:.0f}/{r['steps']}"
         lines.append(f"{r['arm']:14s} {r['task']:6s} {METHOD_LABELS[r['method']]:13s} {r['lr']:8.1e} "
                      f"{r['head_lr']:8.1e} {r['warmup_steps']:7d} "
-                     f"{r['metric']:>7s} {r['mean']:.3f} ± {r['sd']:.3f} ({len(r['seeds'])}) "
+                     f"{r['metric']:>7s} " + (f"{r['mean']:.3f} ± {r['sd']:.3f} ({len(r['seeds'])})" if len(r["seeds"]) > 1
+                                              else f"{r['mean']:.3f}         (1)") + " "
                      f"{r['collapsed']:>5d}/{len(r['seeds'])} {r['spread']:7.3f} {r['dw_max']:8.2f} {frozen:>13s}")
     return "\n".join(lines)

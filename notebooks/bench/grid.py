@@ -103,17 +103,36 @@ def run_glue_grid(tasks=TASKS, methods=METHODS, seeds=SEEDS, mode="full", out_pa
 V2_FACTORS, V2_MAX_WIDEN = (1 / 3, 1.0, 3.0), 2
 
 
-def _v2_settings() -> dict:
+V2_DECISION = "protocol_v2.json"          # v2's warm-up decision, written once when v2 first starts
+
+
+def decide_v2_warmup() -> dict:
+    """Protocol v2's warm-up floor, decided once: read from results/protocol_v2.json if it is there,
+    else decided by diagnosis.warmup_choice from the finished diagnosis and written there (with its
+    reason and the diagnosis records it used), so that a later or longer diagnosis can never change
+    it between v2's search and its grid. Raises while the diagnosis is unfinished."""
+    path = RESULTS_DIR / V2_DECISION
+    if path.is_file():
+        return json.loads(path.read_text(encoding="utf-8"))
     from bench import diagnosis
-    floor, _ = diagnosis.warmup_choice(read_records(RESULTS_DIR / DIAGNOSIS_FILE))
-    return dict(head_rule="released", warmup_floor=floor)
+    recs = read_records(RESULTS_DIR / DIAGNOSIS_FILE)
+    floor, why = diagnosis.warmup_choice(recs)
+    decision = dict(warmup_floor=floor, why=why, diagnosis_records=len(recs),
+                    decided=time.strftime("%Y-%m-%d %H:%M:%S"))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(decision, indent=1) + "\n", encoding="utf-8")
+    return decision
+
+
+def _v2_settings() -> dict:
+    return dict(head_rule="released", warmup_floor=decide_v2_warmup()["warmup_floor"])
 
 
 PROTOCOLS = {
     "v1": dict(settings=lambda: dict(head_rule="v1", warmup_floor=0), search="lr_search_cpu.json",
                grid="glue_cpu.json"),
     "v2": dict(settings=_v2_settings, search="lr_search_cpu_v2.json", grid="glue_cpu_v2.json",
-               search_tasks=TASKS, choose=lambda recs: v2_choices(recs)),
+               choose=lambda recs: v2_choices(recs)),
 }
 DIAGNOSIS_FILE = "diagnosis_cpu.json"
 RESULTS_DIR = RESULTS
@@ -172,14 +191,15 @@ def cpu_jobs(seeds=SEEDS, methods=METHODS, tasks=TASKS, protocol="v1") -> list[d
     """Every run of a protocol, in the order they start: the learning-rate search (seed 0, each factor,
     held-out split), then the grid seed by seed (so a grid cut short still has whole seeds).
     v1 searches LR_SEARCH_TASKS for one factor per method; v2 every task, one factor per (method, task),
-    so its job list grows when a search widens its range (the runner asks again after every run)."""
+    so its job list grows when a search widens its range (the runner asks again after every run).
+    v2's settings need its warm-up decision (decide_v2_warmup): it raises while the diagnosis is unfinished."""
     if protocol not in PROTOCOLS:
         raise ValueError(f"unknown protocol {protocol!r}; choose from {sorted(PROTOCOLS)}")
     if protocol == "v1":
         jobs = [dict(kind="lr_search", task=t, method=m, seed=0, lr_factor=f, split="heldout")
                 for m in methods for t in LR_SEARCH_TASKS for f in LR_FACTORS]
     else:
-        adopt_diagnosis_runs()
+        PROTOCOLS[protocol]["settings"]()              # v2: refuses to start before its warm-up decision
         search = read_records(results_file(protocol, "lr_search"))
         jobs = [dict(kind="lr_search", task=t, method=m, seed=0, lr_factor=f, split="heldout")
                 for t in tasks for m in methods for f in v2_search(search, m, t)[0]]
@@ -271,32 +291,6 @@ def job_settings(job, **override) -> dict:
     return grid_settings(job["task"], "cpu", **{**changes, **override})
 
 
-def adopt_diagnosis_runs() -> list[dict]:
-    """Copy into v2's search file the diagnosis runs that are exactly v2 search runs (seed 0, factor 1,
-    held-out split, v2's head rule and warm-up, AFLoRA's released schedule), marked `adopted_from`, so
-    they are not trained twice. Returns the records copied by this call."""
-    from bench import diagnosis
-    out = results_file("v2", "lr_search")
-    have = read_records(out)
-    keys = ("head_rule", "warmup_floor", "t_final_frac", "aflora_adaptive", "warmup_ratio", "epochs", "max_steps")
-    v2 = PROTOCOLS["v2"]["settings"]()
-    copied = []
-    for r in read_records(RESULTS_DIR / DIAGNOSIS_FILE):
-        want = {k: grid_settings(r["task"], "cpu", **v2)[k] for k in keys}
-        arm = next((a for a in r.get("arms", [r.get("arm")]) if {k: grid_settings(
-            r["task"], "cpu", **diagnosis.ARMS[a]["settings"])[k] for k in keys} == want), None)
-        job = dict(kind="lr_search", task=r["task"], method=r["method"], seed=0, lr_factor=1.0,
-                   split="heldout", protocol="v2")
-        if (arm and r["seed"] == 0 and math.isclose(r["lr_factor"], 1.0) and r["split"] == "heldout"
-                and not r.get("smoke_overrides") and not _job_done(job, have + copied)):
-            rec = {k: v for k, v in r.items() if k not in ("probe", "loss_curve", "arm", "arms")}
-            rec.update(kind="lr_search", protocol="v2", head_rule="released",
-                       adopted_from=f"{DIAGNOSIS_FILE} (arm {arm})")
-            append_record(out, rec)
-            copied.append(rec)
-    return copied
-
-
 def run_job(job, device="cpu", log=print, **override) -> dict:
     """Run one job in this process (resuming from its checkpoint) and append its record.
     `override`: grid_settings overrides, for smoke tests only (recorded in the record)."""
@@ -362,17 +356,22 @@ def _estimate_s(job, plan) -> float | None:
 
 def protocol_cost(protocol: str = "v2", workers: int = 2, widen: int = 0) -> dict:
     """What a protocol's search and grid should cost here, before any of its runs: each job's CPU time
-    taken from protocol v1's measured runs of the same (task, method) (mean cpu_s, x 0.9 for the 90%
-    training part of the held-out split), else from the plan (results/grid_plan_cpu.json). v2's search
+    taken from protocol v1's measured runs of the same (task, method) (mean cpu_s of its search runs
+    for a held-out run, of its grid runs for a grid run; 0.9 x the grid run for a held-out run of a task
+    v1 did not search), else from the plan (results/grid_plan_cpu.json). v2's search
     counts V2_FACTORS per (method, task) plus `widen` extra factors for each. Hours of `workers` 1-thread
     workers: dict(search_h, grid_h, total_h, jobs)."""
     plan = read_records(PLAN_CPU)
     v1 = [r for r in read_records(GLUE_CPU) if r.get("kind") == "grid"]
+    v1_search = read_records(LR_SEARCH_CPU)
 
     def cost(task, method, heldout):
-        rs = [r.get("cpu_s") or r["wall_s"] for r in v1 if r["task"] == task and r["method"] == method]
+        runs = v1_search if heldout else v1       # a held-out run scores more examples than the dev set
+        rs = [r.get("cpu_s") or r["wall_s"] for r in runs if r["task"] == task and r["method"] == method]
+        if not rs and heldout:                     # no v1 search run of this task: 0.9 x its grid run
+            rs = [0.9 * (r.get("cpu_s") or r["wall_s"]) for r in v1 if r["task"] == task and r["method"] == method]
         if rs:
-            return statistics.mean(rs) * (0.9 if heldout else 1.0)
+            return statistics.mean(rs)
         return _estimate_s(dict(task=task, method=method, split="heldout" if heldout else "dev"), plan) or 0.0
     if protocol == "v1":
         search = [(j["task"], j["method"]) for j in cpu_jobs(protocol="v1") if j["kind"] == "lr_search"]

@@ -341,6 +341,7 @@ def train_one(task: str, method: str, seed: int, settings: dict, device, train_e
     probe: a function (model, tokenizer, dev_examples) -> callable(step) -> dict | None, the measurements
     helpers.train stores per step in the record's "probe" list (the diagnosis uses it)."""
     task = helpers.task_name(task)
+    version = code_version()                     # the code this run starts with
     if train_examples is None:
         train_examples, dev_examples = _load_task(task, settings)
     helpers.setup(seed)
@@ -389,7 +390,7 @@ def train_one(task: str, method: str, seed: int, settings: dict, device, train_e
                train_size=len(train_examples), dev_size=len(dev_examples), weights=weights_label(),
                **{k: settings[k] for k in ("batch_size", "max_length", "epochs", "max_steps",
                                             "warmup_ratio", "clip", "weight_decay", "t_final_frac")},
-               group_by_length=settings.get("group_by_length", False), **code_version())
+               group_by_length=settings.get("group_by_length", False), **version)
     if freezer is not None:
         rec["frozen_at"] = dict(freezer.frozen_at)
         rec["freezer"] = schedule
