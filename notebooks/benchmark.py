@@ -12,12 +12,14 @@ Commands (from the repository root; GLUE_DIR points at the GLUE folders; `--help
   nohup python notebooks/benchmark.py cpu-grid --workers 2 > notebooks/results/work/cpu_grid.log 2>&1 &
   nohup python notebooks/benchmark.py diagnosis --workers 2 > notebooks/results/work/diagnosis.log 2>&1 &
   python notebooks/benchmark.py diagnosis-table   # the diagnosis so far
+  python notebooks/benchmark.py protocol-cost     # what protocol v2's search and grid should cost
+  nohup python notebooks/benchmark.py cpu-grid --protocol v2 --workers 2 > notebooks/results/work/cpu_grid_v2.log 2>&1 &
   python notebooks/benchmark.py lr-table          # protocol v1's learning-rate search and choice
   python notebooks/benchmark.py speed --out notebooks/results/speed_cpu.json --batch 32 --length 128 \
          --threads 1 --warmup 1 --rounds 5 --steps-per-round 2
   python notebooks/benchmark.py plan --threads 2 --out notebooks/results/grid_plan_cpu.json
   python notebooks/benchmark.py targets           # the targets table from whatever results exist
-  python notebooks/benchmark.py readme-results    # the README's Results section
+  python notebooks/benchmark.py readme-results --write   # the README's generated blocks, from the files
 Time nothing while a grid runs: pause its workers (kill -STOP, then kill -CONT) for a speed run.
 """
 from __future__ import annotations
@@ -136,7 +138,8 @@ def _main(argv=None):
     if a.cmd == "protocol-cost":
         for widen in (0, 1, 2):
             c = grid.protocol_cost(a.protocol, a.workers, widen)
-            print(f"protocol {a.protocol}, {a.workers} workers, search widened {widen}x per (method, task): "
+            how = "" if a.protocol == "v1" else f", search widened {widen}x per (method, task)"
+            print(f"protocol {a.protocol}, {a.workers} workers{how}: "
                   f"{c['jobs']} runs, search {c['search_h']:.1f} h + grid {c['grid_h']:.1f} h = {c['total_h']:.1f} h")
             if a.protocol == "v1":
                 break

@@ -322,7 +322,7 @@ def results_markdown() -> str:
 
 def diagnosis_markdown() -> str:
     """The README's diagnosis block, from results/diagnosis_cpu.json only (regenerate with
-    `python notebooks/benchmark.py readme-results`)."""
+    `python notebooks/benchmark.py readme-results --write`)."""
     from bench import diagnosis as D
     recs = read_records(G.RESULTS_DIR / G.DIAGNOSIS_FILE)
     n_jobs = len(D.diagnosis_jobs())
@@ -361,7 +361,10 @@ def v2_markdown() -> str:
     search = read_records(G.results_file("v2", "lr_search"))
     grid = [r for r in read_records(G.results_file("v2", "grid")) if r.get("kind") == "grid"]
     v1 = [r for r in read_records(G.GLUE_CPU) if r.get("kind") == "grid"]
-    out = [f"Status: {len(search)} learning-rate search runs (15 (method, task) searches of 3 to 5 factors) and "
+    n_pairs = len(TASKS) * len(METHODS)
+    done = len(G.v2_choices(search))
+    out = [f"Status: {len(search)} learning-rate search runs ({done} of {n_pairs} (method, task) searches finished, "
+           f"{len(G.V2_FACTORS)} to {len(G.V2_FACTORS) + G.V2_MAX_WIDEN} factors each) and "
            f"{len(grid)} of {GRID_RUNS} grid runs are in "
            "[`lr_search_cpu_v2.json`](notebooks/results/lr_search_cpu_v2.json) and "
            "[`glue_cpu_v2.json`](notebooks/results/glue_cpu_v2.json)"
