@@ -452,4 +452,5 @@ def test_v2_readme_block_reads_the_v2_files_beside_v1(tmp_path):
     assert "45 of 45 grid runs" in text and "lora     RTE" in text and "x1: 0.7000" in text
     assert "| RTE (acc) | 0.720 ± 0.010 (3) | 0.700 | 0.710 ± 0.010 (3) | 0.690 | 0.730 ± 0.010 (3) | 0.600 |" in text
     assert "0.7300 vs 0.7200 (+0.0100) on 5 task(s); 11.1x fewer" in text and "holds (" in text
+    assert "| mean of the last epoch | 0.720 | 0.700 | 0.710 | 0.690 | 0.730 | 0.600 |" in text
     assert "0.25x (15 paired runs)" in text and "RTE +0.010" in text
