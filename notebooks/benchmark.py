@@ -14,6 +14,7 @@ Commands (from the repository root; GLUE_DIR points at the GLUE folders; `--help
   python notebooks/benchmark.py diagnosis-table   # the diagnosis so far
   python notebooks/benchmark.py protocol-cost     # what protocol v2's search and grid should cost
   nohup python notebooks/benchmark.py cpu-grid --protocol v2 --workers 2 > notebooks/results/work/cpu_grid_v2.log 2>&1 &
+  nohup python notebooks/benchmark.py diagnosis-then-v2 --workers 2 > notebooks/results/work/study.log 2>&1 &
   python notebooks/benchmark.py lr-table          # protocol v1's learning-rate search and choice
   python notebooks/benchmark.py speed --out notebooks/results/speed_cpu.json --batch 32 --length 128 \
          --threads 1 --warmup 1 --rounds 5 --steps-per-round 2
@@ -76,6 +77,9 @@ def _main(argv=None):
     q = sub.add_parser("diagnosis", help="the held-out study of protocol v1's recipe (resumable)")
     q.add_argument("--workers", type=int, default=2)
     q.add_argument("--seeds", nargs="+", type=int, default=list(SEEDS))
+    q.add_argument("--report-minutes", type=float, default=5.0)
+    q = sub.add_parser("diagnosis-then-v2", help="the diagnosis, then protocol v2's search and grid, in one pool")
+    q.add_argument("--workers", type=int, default=2)
     q.add_argument("--report-minutes", type=float, default=5.0)
     q = sub.add_parser("diagnosis-table", help="the diagnosis's table from results/diagnosis_cpu.json")
     q = sub.add_parser("run-one", help="one job of a CPU grid or the diagnosis (cpu-grid starts these)")
@@ -150,6 +154,10 @@ def _main(argv=None):
     if a.cmd == "cpu-grid":
         ok = grid.run_cpu_grid(workers=a.workers, seeds=tuple(a.seeds), report_s=60 * a.report_minutes,
                                protocol=a.protocol, log=lambda s: print(s, flush=True))
+        sys.exit(0 if ok else 1)
+    if a.cmd == "diagnosis-then-v2":
+        ok = grid.run_cpu_grid(workers=a.workers, jobs=grid.diagnosis_then_v2_jobs,
+                               report_s=60 * a.report_minutes, log=lambda s: print(s, flush=True))
         sys.exit(0 if ok else 1)
     if a.cmd == "diagnosis":
         ok = grid.run_cpu_grid(workers=a.workers, jobs=diagnosis.diagnosis_jobs(tuple(a.seeds)),

@@ -454,3 +454,22 @@ def test_v2_readme_block_reads_the_v2_files_beside_v1(tmp_path):
     assert "0.7300 vs 0.7200 (+0.0100) on 5 task(s); 11.1x fewer" in text and "holds (" in text
     assert "| mean of the last epoch | 0.720 | 0.700 | 0.710 | 0.690 | 0.730 | 0.600 |" in text
     assert "0.25x (15 paired runs)" in text and "RTE +0.010" in text
+
+
+def test_diagnosis_then_v2_adds_v2_only_once_the_diagnosis_is_done(tmp_path):
+    from bench import diagnosis as D
+    G.set_results_dir(tmp_path)
+    try:
+        fake = _fake_diagnosis(-0.01)
+        for r in fake:
+            r.update(kind="diagnosis", mode="cpu")
+        P.write_records(tmp_path / "diagnosis_cpu.json", fake[:-1])
+        assert G.diagnosis_then_v2_jobs() == D.diagnosis_jobs()
+        assert not (tmp_path / "protocol_v2.json").exists()                 # nothing decided yet
+        P.write_records(tmp_path / "diagnosis_cpu.json", fake)
+        jobs = G.diagnosis_then_v2_jobs()
+        v2 = [j for j in jobs if j["protocol"] == "v2"]
+        assert jobs[:len(D.diagnosis_jobs())] == D.diagnosis_jobs() and len(v2) == 15 * 3 + 45
+        assert G.decide_v2_warmup()["warmup_floor"] == 0
+    finally:
+        G.set_results_dir(P.RESULTS)

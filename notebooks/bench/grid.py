@@ -354,6 +354,17 @@ def _estimate_s(job, plan) -> float | None:
     return frac * steps * p["step_ms"] / 1000 + epochs * p["eval_s"]
 
 
+def diagnosis_then_v2_jobs(seeds=SEEDS) -> list[dict]:
+    """The diagnosis's jobs, and once all of them are done, protocol v2's (whose warm-up the finished
+    diagnosis decides): one worker pool runs both, so no core waits between the two."""
+    from bench import diagnosis
+    jobs = diagnosis.diagnosis_jobs(seeds)
+    recs = read_records(RESULTS_DIR / DIAGNOSIS_FILE)
+    if all(_job_done(j, recs) for j in jobs):
+        jobs = jobs + cpu_jobs(seeds, protocol="v2")
+    return jobs
+
+
 def protocol_cost(protocol: str = "v2", workers: int = 2, widen: int = 0) -> dict:
     """What a protocol's search and grid should cost here, before any of its runs: each job's CPU time
     taken from protocol v1's measured runs of the same (task, method) (mean cpu_s of its search runs
