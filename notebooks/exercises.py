@@ -23,6 +23,17 @@ def ok(message: str) -> bool:
     return True
 
 
+def _classifier_size(model=None, shapes=(), labels: int = 2) -> int:
+    """Parameters of the classifier head: counted from `model.classifier` when the model has one, else
+    a Linear(hidden, labels) with hidden the smallest layer width of `shapes` (MiniLM-L6: 384, so 770)."""
+    head = getattr(model, "classifier", None) if model is not None else None
+    if head is not None and hasattr(head, "parameters"):
+        return sum(p.numel() for p in head.parameters())
+    dims = [d for shape in shapes for d in shape]
+    hidden = min(dims) if dims else 384
+    return hidden * labels + labels
+
+
 # === notebook 01 ===
 def _ex01_number(answer, name: str) -> float:
     """The answer as a float; a hint if it is not a plain number."""
@@ -69,7 +80,7 @@ def ex01_1(answer, layer_shapes, r_new, built=None):
                              "count r (d_in + d_out) grows with it")
     if a == 2 * truth:
         raise AssertionError("the count is linear in r, not quadratic: A is r x d_in, B is d_out x r")
-    if 0 < a - truth < 10_000:
+    if a - truth == _classifier_size(shapes=layer_shapes.values()):
         raise AssertionError("count only the adapters' A and B: the classifier head is trained too, "
                              "but it is not part of this count")
     if a == sum(i * o for i, o in layer_shapes.values()):
@@ -110,8 +121,13 @@ def ex01_2(answer, layer_shapes, r, full_ft, built=None):
         raise AssertionError("that is a fraction, not a percentage: multiply by 100")
     k = _ex01_sig_figures(pct)
     if k < 3 and abs(pct - truth_pct) <= 10.0 ** (math.floor(math.log10(truth_pct)) - k + 1):
-        raise AssertionError(f"right up to rounding, but you gave {k} significant figure{'s' * (k > 1)}: "
-                             "round the percentage to three significant figures")
+        if _ex01_close(pct, float(f"{truth_pct:.{k}g}"), 1e-9):
+            raise AssertionError(f"right up to rounding, but you gave {k} significant figure{'s' * (k > 1)}: "
+                                 "round the percentage to three significant figures")
+        raise AssertionError(f"close, but that is not the exact percentage rounded to {k} significant "
+                             f"figure{'s' * (k > 1)} (rounding an already rounded value can go the wrong way): "
+                             "compute 100 x adapters / full fine-tuning's count and round it once, to three "
+                             "significant figures")
     with_adapters = 100 * truth_n / (full_ft + truth_n)
     all_six = full_ft + r * sum(i + o for i, o in layer_shapes.values())
     truncated = math.floor(truth_pct / unit3 + 1e-9) * unit3
@@ -156,7 +172,13 @@ def ex01_3(answer, r_old, alpha_old, r_new, alphas_new, measured=None):
                   f"{alpha_old:g}/{r_old} to " + " and ".join(f"{a:g}/{r_new}" for a in alphas_new) +
                   ", factors " + ", ".join(f"{t:g}" for t in truth))
     if len(got) > 1 and all(_ex01_close(g, t, 1e-3) for g, t in zip(got, reversed(truth))):
+        if all(_ex01_close(g, 1 / t, 1e-3) for g, t in zip(got, truth)):
+            raise AssertionError(f"swapped or inverted (here the two look the same): the tuple is {what}, "
+                                 "and each factor is ΔW(new) / ΔW(trained), not ΔW(trained) / ΔW(new)")
         raise AssertionError(f"swapped: the tuple is {what}")
+    if all(_ex01_close(g, 1, 1e-3) for g in got):
+        how = "doubled" if r_new == 2 * r_old else f"went from {r_old} to {r_new}"
+        raise AssertionError(f"B A is unchanged, but α/r is not: r {how}, and ΔW = (α/r) B A")
     hints = []
     for a, g, t in zip(alphas_new, got, truth):
         if _ex01_close(g, t, 1e-3):
@@ -233,6 +255,9 @@ def ex02_1(answer, layer_shapes, r_new, built=None, all_shapes=None):
     if a == truth:
         return ok(f"{truth:,d}: r + d_out per layer; only the d vectors shrink with r, the b vectors stay")
     n = len(layer_shapes)
+    if a - truth == _classifier_size(shapes=all_shapes or layer_shapes):
+        raise AssertionError("count only the adapters' d and b: the classifier head is trained too, but "
+                             "it is not part of the count")
     if a == sum(r_new * (i + o) for i, o in layer_shapes):
         raise AssertionError("that is LoRA's count r (d_in + d_out): ELoRA's A and B are frozen, only the "
                              "vectors d (r numbers) and b (d_out numbers) train")
@@ -268,6 +293,9 @@ def ex02_2(answer, elora_params, layer_shapes):
     if abs(a - truth) <= 0.015:
         return ok(f"r = {elora_params:,d} / {per_rank:,d} = {truth:.2f}: ELoRA r=1024 trains about what "
                   f"LoRA at rank {truth:.1f} would (between r = 1 and r = 2)")
+    if abs(a - (elora_params + _classifier_size(shapes=layer_shapes)) / per_rank) <= 0.005:
+        raise AssertionError("that adds the classifier head to ELoRA's count: the classifier head is not "
+                             "part of the count, on either side")
     if a in (1, 2):
         raise AssertionError("the count lies between those of two whole ranks; give the real number "
                              "r = (ELoRA's count) / (LoRA's count per unit of rank)")
@@ -322,6 +350,19 @@ def _ex02_crossing(answer, truth: float, name: str):
     return a
 
 
+def _ex02_rounded(a: float, truth: float) -> bool:
+    """True if a is truth rounded (to nearest, down or up) to 0-3 decimals or to 1-3 significant figures."""
+    import math
+    steps = [10.0 ** -k for k in range(4)]
+    if truth > 0:
+        steps += [10.0 ** (math.floor(math.log10(truth)) - k + 1) for k in (1, 2, 3)]
+    for step in steps:
+        for c in (round(truth / step) * step, math.floor(truth / step) * step, math.ceil(truth / step) * step):
+            if c != 0 and abs(a - c) <= 1e-9 * max(1.0, abs(c)):
+                return True
+    return False
+
+
 def ex02_4(answer, n_tokens, d_in, d_out):
     """Ex 4: the rank r* at which the weight path and the token path cost the same extra multiply-adds,
     for a (d_in -> d_out) layer and n_tokens tokens, fp32 (ΔW fused into W0). Accepted: r* as a real
@@ -351,11 +392,11 @@ def ex02_4(answer, n_tokens, d_in, d_out):
         raise AssertionError(f"that is the square 384 x 384 layer's value; this layer is {i} -> {o}")
     if abs(a - 3 * truth) <= 1.5:
         raise AssertionError("that counts the ΔW gradient as 3 n in out, the unfused case; in fp32 ΔW is "
-                             "folded into W0, and only its gradient gyᵀ x (n in out) is extra")
+                             "folded into W0, and only its gradient g xᵀ (n in out) is extra")
     if 2 * n * (i + o) > 6 * i * o and abs(a - n * i * o / (n * (i + o) - 3 * i * o)) <= 0.5:
         raise AssertionError("the token path costs 2 n r (in + out): A x and B h forward, and their two "
                              "input gradients backward")
-    if abs(a - truth) <= 0.02 * truth:
+    if _ex02_rounded(a, truth):
         raise AssertionError("close, but rounded too far: give r* to one decimal (or the whole rank on "
                              "either side of it)")
     raise AssertionError("the weight path is cheaper when 3 out r in + n in out < 2 n r (in + out); "
@@ -404,7 +445,7 @@ def ex02_5(answer, d_in, d_out, r):
     if a == r or abs(a - i * o / (2 * (i + o))) <= 0.5 or abs(a - 96) <= 0.5:
         raise AssertionError("that is a rank; the question asks for a number of tokens n at this rank: "
                              "solve 3 out r in + n in out < 2 n r (in + out) for n")
-    if abs(a - truth) <= 0.02 * truth:
+    if _ex02_rounded(a, truth):
         raise AssertionError("close, but rounded too far: give n* to one decimal (or the whole count on "
                              "either side of it)")
     raise AssertionError("the weight path is cheaper when 3 out r in + n in out < 2 n r (in + out); "
@@ -527,6 +568,16 @@ def ex03_2(answer, model_ex2):
     if s == default_start:
         raise AssertionError("that is the default policy, where a square matrix (query) keeps A and B frozen; "
                              "with adaptive=True its A and B train too")
+    head = _classifier_size(model_ex2, [(m.in_features, m.out_features) for m in layers])
+    if (s - start, e - end) == (head, head):
+        raise AssertionError(f"both numbers are off by the classifier head ({head:,d} parameters, which "
+                             "print_trainable_parameters counts too): count the adapters only")
+    ffn = [m for n, m in named if n.endswith("intermediate.dense")]
+    if ffn and len(ffn) < len(layers) and (s, e) == (
+            sum(m.r + m.out_features + m.r * m.in_features + m.out_features * m.r for m in ffn),
+            sum(m.r + m.out_features for m in ffn)):
+        raise AssertionError("that counts intermediate.dense only: the query layers are adapted too "
+                             "(and with adaptive=True their A and B train as well)")
     if e != end:
         if e == 0:
             raise AssertionError("once A and B are frozen, d (r) and b (d_out) of every layer still train")

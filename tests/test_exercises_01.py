@@ -88,12 +88,20 @@ def test_ex2_accepts_the_percentage_rounded_to_three_or_more_figures(pct, capsys
     assert ex.ex01_2((73_728, pct), SHAPES, 8, FULL_FT) is True
 
 
-@pytest.mark.parametrize("pct", [0.32, 0.33, 0.3])
+@pytest.mark.parametrize("pct", [0.32, 0.3])
 def test_ex2_two_figures_get_a_rounding_hint_not_a_denominator_one(pct):
-    """0.32 and 0.33 are the right percentage rounded too far (0.33: 0.325 rounded again)."""
+    """0.32 and 0.3 are the right percentage (0.3246) rounded too far."""
     with pytest.raises(AssertionError, match="right up to rounding") as err:
         ex.ex01_2((73_728, pct), SHAPES, 8, FULL_FT)
     assert "divide" not in str(err.value) and "denominator" not in str(err.value)
+
+
+@pytest.mark.parametrize("pct", [0.33, 0.4])
+def test_ex2_too_few_figures_not_the_truth_rounded_are_not_called_right(pct):
+    """0.3246 rounds to 0.32 (and 0.3), so 0.33 (0.325 rounded again) and 0.4 are not "right up to rounding"."""
+    with pytest.raises(AssertionError, match="not the exact percentage rounded") as err:
+        ex.ex01_2((73_728, pct), SHAPES, 8, FULL_FT)
+    assert "right up to rounding" not in str(err.value)
 
 
 def test_ex2_wrong_denominators_are_named():
@@ -123,6 +131,28 @@ def test_ex3_naive_alpha_ratio_fails_with_a_hint_on_r():
         ex.ex01_3((8 / 8, 32 / 8), 8, 8, 16, (8, 32))
     with pytest.raises(AssertionError, match="upside down in r"):
         ex.ex01_3((2, 8), 8, 8, 16, (8, 32))
+
+
+def test_ex3_swapped_and_inverted_pair_names_both():
+    """(2, 0.5) is the right pair swapped and also each factor inverted (ΔW_old / ΔW_new)."""
+    with pytest.raises(AssertionError, match=r"swapped or inverted.*ΔW\(new\) / ΔW\(trained\)"):
+        ex.ex01_3((2, 0.5), 8, 8, 16, (8, 32))
+
+
+def test_ex3_unchanged_factors_get_the_alpha_over_r_hint():
+    """(1, 1): "B A is unchanged, so ΔW is too"; not the α-ratio hint (8 / 8 = 1 matches that first)."""
+    with pytest.raises(AssertionError, match="B A is unchanged, but α/r is not: r doubled") as err:
+        ex.ex01_3((1, 1), 8, 8, 16, (8, 32))
+    assert "α's ratio alone" not in str(err.value)
+
+
+def test_ex1_classifier_hint_only_for_the_head_size():
+    with pytest.raises(AssertionError, match="classifier head"):
+        ex.ex01_1(663_552 + 770, SHAPES, 16)          # Linear(384, 2): 384 x 2 + 2
+    for wrong in (663_552 + 1, 663_552 + 100, 663_552 + 9_999):
+        with pytest.raises(AssertionError, match="not quite") as err:
+            ex.ex01_1(wrong, SHAPES, 16)
+        assert "classifier" not in str(err.value)
 
 
 def test_ex3_rejects_layers_that_do_not_keep_BA():

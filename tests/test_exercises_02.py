@@ -177,7 +177,7 @@ def test_ex4_accepts_the_crossing_and_the_whole_ranks_beside_it(right, capsys):
 
 
 @pytest.mark.parametrize("wrong, hint", [
-    (161, "rounded"), (164, "rounded"), (160, "rounded"),
+    (160, "rounded"), (200, "rounded"), (161, "solve for r"), (164, "solve for r"), (159.58, "solve for r"),
     (153.6, "limit for very many tokens"),
     (8192 * 384 * 384 / (2 * 8192 * 768 - 3 * 384 * 384), "square"),
     (96, "square"),
@@ -204,7 +204,7 @@ def test_ex5_accepts(right, capsys):
 
 @pytest.mark.parametrize("wrong, hint", [
     ("token", "plain number"), ("weight", "plain number"), (None, "plain number"), (True, "plain number"),
-    (541, "rounded"), (544, "rounded"), (540, "rounded"),
+    (540, "rounded"), (500, "rounded"), (541, "solve for n"), (544, "solve for n"),
     (3 * 384 * 1024 * 384 / (2 * 1024 * 768 - 384 * 384), "square"),          # the 384 x 384 layer: 317.8
     (3 * 384 * 1536 / (2 * 1920), "per-token term"),                           # n d_in d_out left out: 460.8
     (1536 * 1024 * 384 / (2 * 1024 * 1920 - 384 * 1536), "two factors' gradients"),        # ΔW formed once: 180.7
@@ -216,6 +216,38 @@ def test_ex5_accepts(right, capsys):
 def test_ex5_rejects_with_the_right_hint(wrong, hint):
     with pytest.raises(AssertionError, match=hint):
         ex.ex02_5(wrong, 384, 1536, 1024)
+
+
+def test_ex4_ex5_rounded_only_for_a_rounding_of_the_truth():
+    """Within 2% of the truth is not enough for "rounded": 161, 164, 159.58 (r* = 162.75) and 541, 544
+    (n* = 542.1) are no rounding of it; 160 and 540 (two significant figures) are."""
+    for wrong in (161, 164, 159.58):
+        with pytest.raises(AssertionError, match="solve for r") as err:
+            ex.ex02_4(wrong, 8192, 384, 1536)
+        assert "rounded" not in str(err.value)
+    for wrong in (541, 544):
+        with pytest.raises(AssertionError, match="solve for n") as err:
+            ex.ex02_5(wrong, 384, 1536, 1024)
+        assert "rounded" not in str(err.value)
+    with pytest.raises(AssertionError, match="rounded too far"):
+        ex.ex02_4(160, 8192, 384, 1536)
+    with pytest.raises(AssertionError, match="rounded too far"):
+        ex.ex02_5(540, 384, 1536, 1024)
+
+
+def test_ex4_unfused_hint_names_the_weight_gradient_g_xT():
+    with pytest.raises(AssertionError, match="only its gradient g xᵀ \\(n in out\\) is extra") as err:
+        ex.ex02_4(3 * R_STAR_8192, 8192, 384, 1536)
+    assert "gyᵀ" not in str(err.value)
+
+
+def test_ex1_ex2_classifier_head_counted():
+    with pytest.raises(AssertionError, match="the classifier head is trained too, but it is not part of the count"):
+        ex.ex02_1(EX1_RIGHT + 770, FFN_IN, 256, all_shapes=SHAPES)          # 11,522
+    with pytest.raises(AssertionError, match="the classifier head is not part of the count"):
+        ex.ex02_2((ELORA_1024 + 770) / 41_472, ELORA_1024, SHAPES)          # 1.4075
+    with pytest.raises(AssertionError, match="the classifier head is not part of the count"):
+        ex.ex02_2(1.407, ELORA_1024, SHAPES)
 
 
 def test_ex5_other_shapes_and_ranks():

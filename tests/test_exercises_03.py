@@ -174,6 +174,17 @@ def test_ex2_rejects(model_all, wrong, hint):
         ex.ex03_2(wrong, model_all)
 
 
+@pytest.mark.parametrize("wrong, hint", [
+    ((START_2 + 770, END_2 + 770), "both numbers are off by the classifier head"),   # 76,850, 12,338
+    ((6 * (4 + 1536 + 4 * 384 + 1536 * 4), 6 * (4 + 1536)), "intermediate.dense only"),   # 55,320, 9,240
+])
+def test_ex2_head_and_ffn_only_hints_come_before_the_end_count_hint(model_all, wrong, hint):
+    assert wrong in {(76_850, 12_338), (55_320, 9_240)}
+    with pytest.raises(AssertionError, match=hint) as err:
+        ex.ex03_2(wrong, model_all)
+    assert "once frozen, each layer keeps training" not in str(err.value)
+
+
 def test_ex2_refuses_other_models():
     with pytest.raises(RuntimeError):                 # the default policy: query not adaptive
         ex.ex03_2((START_2, END_2), am.add_adapters(minilm_shaped(), "aflora", EX2_TARGETS, r=4, train=()))
