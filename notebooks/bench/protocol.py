@@ -86,7 +86,7 @@ HELDOUT_FRACTION, HELDOUT_SEED = 0.10, 1234
 VECTOR_LR = {"CoLA": 1e-2, "SST-2": 4e-3, "MRPC": 1e-2, "RTE": 1e-2, "STS-B": 2e-2}
 VECTOR_HEAD_LR = 4e-3
 LORA_LR = 5e-4
-# The released code's classifier rate over its adapter rate per task (METHOD.md section 4; QNLI 4).
+# The released code's classifier rate over its adapter rate per task (github.com/zeyuliu1037/AFLoRA GLUE scripts; QNLI 4).
 RELEASED_HEAD_RATIO = {"CoLA": 4.0, "SST-2": 1.0, "MRPC": 8.0, "RTE": 4.0, "STS-B": 1.0}
 HEAD_RULES = ("v1", "released")
 
