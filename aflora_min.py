@@ -58,6 +58,11 @@ def _is_conv1d(module: nn.Module) -> bool:
         and w.dim() == 2
 
 
+def _is_int(value) -> bool:
+    """A whole number (Python or numpy int), not a bool or a float."""
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
 def _adaptable(module: nn.Module) -> bool:
     return isinstance(module, nn.Linear) or _is_conv1d(module)
 
@@ -80,11 +85,11 @@ class _AdapterLinear(nn.Module):
         if not _adaptable(base_layer):
             raise ValueError(f"adapters wrap nn.Linear (or transformers Conv1D) layers, got "
                              f"{type(base_layer).__name__}; choose targets that name nn.Linear modules")
-        if not isinstance(r, int) or r <= 0:
+        if not _is_int(r) or r <= 0:
             raise ValueError(f"rank r must be a positive integer, got {r!r}")
         self.base_layer = base_layer
         self.fan_in_fan_out = _is_conv1d(base_layer)
-        self.r = r
+        self.r = int(r)
         self.merged = False
         self.disabled = False
         base_layer.weight.requires_grad_(False)
@@ -155,6 +160,9 @@ class LoRALinear(_AdapterLinear):
         if not 0.0 <= dropout < 1.0:
             raise ValueError(f"dropout must be in [0, 1), got {dropout}")
         self.alpha = float(r if alpha is None else alpha)
+        if not self.alpha > 0:
+            raise ValueError(f"alpha must be positive (the update is scaled by alpha/r; 0 trains nothing), "
+                             f"got {alpha!r}")
         self.scaling = self.alpha / r
         A = torch.empty(r, self.in_features)
         nn.init.kaiming_uniform_(A, a=math.sqrt(5))
@@ -192,6 +200,9 @@ class ELoRALinear(_AdapterLinear):
     def __init__(self, base_layer: nn.Linear, r: int = 1024, d_init: float = 0.1, seed: int = 0,
                  trainable_projections: bool = False, path: str = "auto"):
         super().__init__(base_layer, r)
+        if not _is_int(seed) or not 0 <= seed < 2 ** 63:
+            raise ValueError(f"seed must be an integer in [0, 2**63) (it is saved as int64), got {seed!r}; "
+                             "add_adapters derives one per layer from any integer run seed (layer_seed)")
         self.path = path
         g = torch.Generator().manual_seed(int(seed))
         self.seed = int(seed)
@@ -310,12 +321,15 @@ def add_adapters(model: nn.Module, method: str, targets, r: int | None = None,
     if method not in _METHODS:
         raise ValueError(f"unknown method {method!r}; choose one of {sorted(_METHODS)}")
     r = _DEFAULT_R[method] if r is None else r
-    if not isinstance(r, int) or r <= 0:
+    if not _is_int(r) or r <= 0:
         raise ValueError(f"rank r must be a positive integer, got {r!r}")
+    r = int(r)
     targets = [targets] if isinstance(targets, str) else list(targets)
-    train = [train] if isinstance(train, str) else list(train)
+    train = [] if train is None else [train] if isinstance(train, str) else list(train)
     if not targets:
         raise ValueError("targets is empty; name the nn.Linear modules to adapt, e.g. ['query', 'value']")
+    if not _is_int(seed):
+        raise ValueError(f"seed must be an integer, got {seed!r}")
     if any(True for _ in adapter_layers(model)):
         raise ValueError("this model already has adapters; adapters cannot be added twice "
                          "(start from a fresh model, or unmerge and keep the existing ones)")
@@ -327,8 +341,14 @@ def add_adapters(model: nn.Module, method: str, targets, r: int | None = None,
     if bad:
         raise ValueError(f"targets must name nn.Linear modules, but these matched: {bad}; "
                          "use a more specific target such as 'attention.output.dense'")
+    inside_mha = [n for n, _ in chosen
+                  if isinstance(model.get_submodule(n.rpartition(".")[0]), nn.MultiheadAttention)]
+    if inside_mha:
+        raise ValueError(f"{inside_mha} belong to an nn.MultiheadAttention, which reads their weight directly "
+                         "(an adapter there would be bypassed or fail); adapt the other nn.Linear modules "
+                         "(e.g. linear1, linear2 of nn.TransformerEncoderLayer)")
     with torch.random.fork_rng(devices=[]):  # a bad option (typo, range) fails here, model untouched
-        _METHODS[method](nn.Linear(2, 2), r=r, **({} if method == "lora" else {"seed": seed}), **options)
+        _METHODS[method](nn.Linear(2, 2), r=r, **options)
     for p in model.parameters():
         p.requires_grad_(False)
     cls = _METHODS[method]
@@ -361,7 +381,7 @@ def cubic_schedule(step: int, total_steps: int, t_init: int, t_final: int) -> fl
         ρ(t) = 0                                      t > T - t_f
     """
     for label, v in (("step", step), ("total_steps", total_steps), ("t_init", t_init), ("t_final", t_final)):
-        if isinstance(v, bool) or not isinstance(v, numbers.Integral):
+        if not _is_int(v):
             raise TypeError(f"{label} must be an integer number of optimizer steps, got {v!r} "
                             f"(e.g. total_steps = epochs * len(train_loader) // grad_accumulation)")
     if t_init < 0 or t_final < 0 or t_init + t_final >= total_steps:
@@ -379,6 +399,8 @@ class AFLoRAFreezer:
 
     Call `step()` once per optimizer step, after `loss.backward()` (and gradient clipping, if any)
     and before `optimizer.step()`; under a Hugging Face Trainer, `trainer_callback(freezer)` does it.
+    A warning comes after `forget_warning_after` training forwards with no step(): raise it above the
+    number of micro-batches per optimizer step if you accumulate gradients over more than 100.
     Per matrix θ:
       every step      accumulate |∇θ L| into the window mean I (window ΔT steps)
       every ΔT steps  Ī <- β1 Ī + (1-β1) I                 (smoothed sensitivity, eq. 5)
@@ -406,7 +428,7 @@ class AFLoRAFreezer:
         for label, beta in (("beta1", beta1), ("beta2", beta2)):
             if not 0.0 <= beta < 1.0:
                 raise ValueError(f"{label} must be in [0, 1), got {beta}")
-        if not isinstance(window, int) or window < 1:
+        if not _is_int(window) or window < 1:
             raise ValueError(f"window must be a positive integer, got {window!r}")
         if rule not in ("quantile", "rank"):
             raise ValueError(f"rule must be 'quantile' or 'rank', got {rule!r}")
@@ -417,7 +439,7 @@ class AFLoRAFreezer:
                              "add_adapters(model, 'aflora', targets) first, with targets that "
                              "include a non-square nn.Linear (or pass adaptive=True)")
         self.total_steps, self.t_init, self.t_final = total_steps, t_init, t_final
-        self.beta1, self.beta2, self.window, self.rule = beta1, beta2, window, rule
+        self.beta1, self.beta2, self.window, self.rule = beta1, beta2, int(window), rule
         self._optimizer = None
         self.optimizer = optimizer                  # checked: see the setter
         self._last_grads: list | None = None        # (grad, version) of the last step: catches a 2nd call
@@ -457,7 +479,9 @@ class AFLoRAFreezer:
             if self._forwards_since_step == self._forget_after and "forgot" not in self._warned:
                 self._warned.add("forgot")
                 warnings.warn(f"{self._forget_after} training forwards without AFLoRAFreezer.step(); "
-                              "call freezer.step() after loss.backward() or nothing is ever frozen",
+                              "call freezer.step() after loss.backward() or nothing is ever frozen (with "
+                              "gradient accumulation over more micro-batches than that, raise "
+                              "forget_warning_after)",
                               stacklevel=2)
 
     def active(self) -> list[str]:
@@ -470,9 +494,17 @@ class AFLoRAFreezer:
         grads = []
         for n in names:
             g = self.params[n].grad
+            if g is None and not self.params[n].requires_grad:
+                raise ValueError(f"AFLoRAFreezer.step(): {n} is frozen (requires_grad=False) but this freezer never "
+                                 "froze it: restore the freezer's own state too (freezer.load_state_dict, or "
+                                 "load_checkpoint(..., freezer=freezer)), or build the freezer on a model whose "
+                                 "adaptive matrices all train")
             if g is None:
                 raise ValueError(f"AFLoRAFreezer.step(): {n} has no gradient; call step() after "
                                  "loss.backward() and before optimizer.zero_grad()")
+            if g.device != self.ipt_sum[n].device:     # the model moved (e.g. Trainer's .to(device))
+                for buf in (self.ipt_sum, self.exp_avg_ipt, self.exp_avg_unc):
+                    buf[n] = buf[n].to(g.device)
             grads.append(g)
         torch._foreach_add_([self.ipt_sum[n] for n in names], torch._foreach_abs(grads))
         self.ipt_n += 1
@@ -692,13 +724,14 @@ def disable_adapters(model: nn.Module):
     layers = _require_adapters(model)
     if any(layer.merged for layer in layers):
         raise ValueError("cannot disable merged adapters; call unmerge_adapters(model) first")
+    before = [layer.disabled for layer in layers]      # nested blocks restore the outer one's state
     for layer in layers:
         layer.disabled = True
     try:
         yield model
     finally:
-        for layer in layers:
-            layer.disabled = False
+        for layer, was in zip(layers, before):
+            layer.disabled = was
 
 
 @torch.no_grad()
@@ -989,6 +1022,9 @@ def load_checkpoint(path, model: nn.Module, optimizer=None, scheduler=None, free
     Reads with torch.load(weights_only=True): tensors and plain containers, never arbitrary pickled
     objects. Everything is checked before anything changes. The RNG states are restored only if the
     file was saved by this rank of the same world size (otherwise a warning says they were not).
+    Under DDP, load into the inner model before wrapping it, or re-wrap after loading
+    (`ddp = rewrap_ddp(ddp)`): matrices the checkpoint froze stop requiring grad, and the old
+    wrapper's reducer still waits for their gradients (a warning says so).
     """
     state = torch.load(path, map_location="cpu", weights_only=True)
     if not isinstance(state, dict) or state.get("format") != _CHECKPOINT_FORMAT:
@@ -1000,6 +1036,7 @@ def load_checkpoint(path, model: nn.Module, optimizer=None, scheduler=None, free
         _check_optimizer_state(optimizer, state["optimizer"])
     if freezer is not None:
         freezer.check_state_dict(state["freezer"])
+    trains = [p for p in _unwrap(model).parameters() if p.requires_grad]
     load_adapter_state_dict(_unwrap(model), state["adapter"])       # checks, then copies
     if optimizer is not None:
         optimizer.load_state_dict(state["optimizer"])
@@ -1007,6 +1044,10 @@ def load_checkpoint(path, model: nn.Module, optimizer=None, scheduler=None, free
         scheduler.load_state_dict(state["scheduler"])
     if freezer is not None:
         freezer.load_state_dict(state["freezer"])
+    if isinstance(model, nn.parallel.DistributedDataParallel) and any(not p.requires_grad for p in trains):
+        warnings.warn("the checkpoint froze matrices that required grad when this model was wrapped in "
+                      "DistributedDataParallel: re-wrap it now (ddp = am.rewrap_ddp(ddp, ...)), or load into "
+                      "the inner model before wrapping", stacklevel=2)
     if (state["rank"], state["world_size"]) == _rank_and_world():
         _set_rng_state(state["rng"])
     else:

@@ -222,8 +222,8 @@ def ex01_4(answer, alpha_old, alpha_new, measured=None):
         raise AssertionError("swapped: the pair is (SGD, Adam)")
     hints = []
     if not sgd_ok:
-        hints.append(f"SGD: B's first step is -lr x (its gradient), and that gradient contains α/r too; "
-                     f"ΔW = (α/r) B A then multiplies by α/r again")
+        hints.append("SGD: B's first step is -lr x (its gradient), and that gradient contains α/r too; "
+                     "ΔW = (α/r) B A then multiplies by α/r again")
     if not adam_ok:
         hints.append("Adam: its first step is about lr x sign(gradient), whatever the gradient's size, "
                      "so B comes out the same; ΔW = (α/r) B A still carries α/r once")
@@ -321,6 +321,9 @@ def ex02_3(answer, layer, run_seed, name):
     import aflora_min as am
     if isinstance(answer, bool) or not isinstance(answer, numbers.Integral):
         raise AssertionError(f"answer_3 should be an integer seed, got {answer!r}")
+    if not 0 <= answer < 2 ** 63:
+        raise AssertionError(f"{answer} is no layer seed: layer_seed keeps 63 bits of a hash, so a layer's "
+                             "seed lies in [0, 2**63)")
     rebuilt = am.ELoRALinear(torch.nn.Linear(layer.in_features, layer.out_features), r=layer.r,
                              seed=int(answer))
     if torch.equal(rebuilt.lora_A, layer.lora_A) and torch.equal(rebuilt.lora_B, layer.lora_B):

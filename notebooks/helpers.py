@@ -329,16 +329,6 @@ def make_loader(tokenizer, examples, batch_size, max_length=128, shuffle=False, 
                                        sampler=EpochSampler(len(items), seed) if shuffle else None)
 
 
-def padded_tokens(loader, epochs: int = 1) -> tuple[int, int]:
-    """(real, padded) token counts of `epochs` passes over a loader (advances its epoch counter)."""
-    real = padded = 0
-    for _ in range(epochs):
-        for batch in loader:
-            real += int(batch["attention_mask"].sum())
-            padded += batch["attention_mask"].numel()
-    return real, padded
-
-
 # ---------------------------------------------------------------- metrics (scikit-learn, scipy)
 def accuracy(preds, labels) -> float:
     from sklearn.metrics import accuracy_score
@@ -1081,7 +1071,7 @@ def plot_schedule(steps, rho, decisions, t_init, t_final, window, title=""):
     phases = [("warm-up", 0, t_init, f"warm-up, t ≤ t_i = {t_init}: A, B, d, b train; scores only"),
               ("adaptive freezing", t_init, forced,
                f"adaptive freezing, t_i < t ≤ T - t_f = {forced}: A, B freeze at the decisions"),
-              ("vectors only", forced, T, f"vectors only, t > T - t_f: only d, b (and the classifier) train")]
+              ("vectors only", forced, T, "vectors only, t > T - t_f: only d, b (and the classifier) train")]
     fig, (ax0, ax1) = plt.subplots(2, 1, figsize=(7, 4.3), sharex=True, height_ratios=(1, 3))
     for name, a, b, label in phases:
         ax0.axvspan(a, b, color=PHASE_COLORS[name], label=label)

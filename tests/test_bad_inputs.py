@@ -116,6 +116,20 @@ def inf_at_decision_step(ctx):
     return nan_step(types.SimpleNamespace(model=model, x=ctx.x, freezer=ctx.f), math.inf)
 
 
+def frozen_outside_the_freezer(ctx):
+    """A matrix frozen by hand (or by loading a mid-run adapter state without the freezer's state)."""
+    model = aflora()
+    model.up.lora_A.requires_grad_(False)
+    f = freezer_for(model)
+    backward(types.SimpleNamespace(model=model, x=ctx.x))
+    f.step()
+
+
+def check_only_adapters_train(model):
+    trains = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert trains and all(".lora_" in n for n in trains), trains
+
+
 def check_inf(ctx, out):
     assert out == [] and ctx.f.frozen_at == {} and all(p.requires_grad for p in ctx.f.params.values())
 
@@ -317,10 +331,21 @@ ROWS = [
         "no module matches"),
     Row("target is not an nn.Linear", lambda c: am.add_adapters(c.plain, "lora", ["act"]), ValueError,
         "must name nn.Linear"),
+    Row("run seed not an integer", lambda c: am.add_adapters(c.plain, "elora", TARGETS, seed=1.5), ValueError,
+        "seed must be an integer"),
+    Row("projection seed outside [0, 2**63)", lambda c: am.ELoRALinear(nn.Linear(4, 4), r=2, seed=2 ** 64),
+        ValueError, "seed must be an integer in [0, 2**63)"),
     Row("adapters added twice", lambda c: am.add_adapters(c.model, "aflora", TARGETS), ValueError, "added twice"),
     Row("adapter built on an adapter", lambda c: am.LoRALinear(c.lora.up), ValueError, "added twice"),
     Row("misspelt option", lambda c: am.add_adapters(c.plain, "lora", TARGETS, alpah=16), TypeError, "alpah",
         note="nothing changed: options are checked before any layer is touched"),
+    Row("LoRA alpha = 0", lambda c: am.add_adapters(c.plain, "lora", TARGETS, alpha=0), ValueError,
+        "alpha must be positive", note="nothing changed: options are checked before any layer is touched"),
+    Row("target inside nn.MultiheadAttention",
+        lambda c: am.add_adapters(nn.TransformerEncoderLayer(16, 2, 32, batch_first=True), "lora", ["out_proj"]),
+        ValueError, "nn.MultiheadAttention"),
+    Row("train=None", lambda c: c.__setattr__("plain_none", am.add_adapters(Net(), "lora", TARGETS, train=None)),
+        None, check=lambda c, _: check_only_adapters_train(c.plain_none), note="adapters added; only they train"),
     Row("LoRA dropout outside [0, 1)", lambda c: am.add_adapters(c.plain, "lora", TARGETS, dropout=1.0), ValueError,
         "dropout", note="nothing changed: options are checked before any layer is touched"),
     Row("train entry matches nothing", lambda c: am.add_adapters(Net(), "lora", TARGETS, train=("clasifier",)),
@@ -334,6 +359,7 @@ ROWS = [
     Row("freezer on a model with no AFLoRA layer", lambda c: freezer_for(c.lora), ValueError,
         "no adaptive AFLoRA layer"),
     Row("freezer built before add_adapters", lambda c: freezer_for(c.plain), ValueError, "call add_adapters"),
+    Row("matrix frozen outside the freezer", frozen_outside_the_freezer, ValueError, "this freezer never froze it"),
     Row("freezer.step() before any backward", lambda c: c.freezer.step(), ValueError, "has no gradient"),
     Row("NaN gradient", nan_step, UserWarning, "non-finite gradient", ("freezer", "model"), check_nan,
         note="the window is dropped: no score update, no freeze decision"),

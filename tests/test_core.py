@@ -440,3 +440,36 @@ def test_freezer_warns_when_step_is_never_called():
         for _ in range(5):
             model(x)
     freezer.remove()
+
+
+def test_nested_disable_adapters_restores_the_outer_block():
+    base, model, x = build("toy", "lora")
+    randomize(model)
+    with am.disable_adapters(model):
+        with am.disable_adapters(model):
+            pass
+        torch.testing.assert_close(logits(model, x), logits(base, x), rtol=0, atol=0)  # still disabled
+    assert not torch.allclose(logits(model, x), logits(base, x))
+
+
+def test_numpy_whole_numbers_are_accepted_as_ints():
+    torch.manual_seed(0)
+    model = am.add_adapters(ToyNet(), "aflora", ["up", "down"], r=np.int64(4), seed=np.int64(3))
+    assert all(type(layer.r) is int and layer.r == 4 for _, layer in am.adapter_layers(model))
+    reference = am.add_adapters(ToyNet(), "aflora", ["up", "down"], r=4, seed=3)
+    assert torch.equal(model.up.lora_A, reference.up.lora_A)
+    freezer = am.AFLoRAFreezer(model, total_steps=np.int64(30), t_init=2, t_final=5, window=np.int64(5))
+    assert type(freezer.window) is int
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
+def test_freezer_follows_the_model_to_another_device():
+    """The README's Trainer example builds the freezer before Trainer moves the model to the GPU."""
+    _, model, x = build("toy", "aflora")
+    freezer = am.AFLoRAFreezer(model, total_steps=30, t_init=2, t_final=5, window=2)
+    model.cuda()
+    for _ in range(12):
+        model(x.cuda()).square().mean().backward()
+        freezer.step()
+        model.zero_grad()
+    assert freezer.frozen_at and all(t.is_cuda for t in freezer.exp_avg_unc.values())

@@ -6,6 +6,7 @@ freeze event, or find_unused_parameters=True); keeping the original wrapper brea
 import os
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
 import pytest
@@ -70,3 +71,26 @@ def test_rewrap_ddp_raises_on_every_rank_when_ranks_froze_differently(runs):
 def test_rewrap_ddp_needs_a_ddp_model():
     with pytest.raises(TypeError, match="DistributedDataParallel"):
         am.rewrap_ddp(torch.nn.Linear(2, 2))
+
+
+def test_loading_a_checkpoint_into_a_ddp_model_that_it_freezes_warns(tmp_path):
+    """load_checkpoint freezes matrices behind the wrapper's back: it must say to re-wrap."""
+    sys.path.insert(0, str(WORKER.parent))
+    import _ddp_worker
+    from torch.nn.parallel import DistributedDataParallel as DDP
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'pg'}", rank=0, world_size=1)
+    try:
+        model, opt, freezer = _ddp_worker.build()
+        for name in list(freezer.params)[:2]:
+            freezer.freeze(name)                           # as a mid-run checkpoint would hold
+        am.save_checkpoint(tmp_path / "c.pt", model, opt, freezer=freezer, step=3)
+        model, opt, freezer = _ddp_worker.build()
+        with pytest.warns(UserWarning, match="re-wrap it now"):
+            am.load_checkpoint(tmp_path / "c.pt", DDP(model), opt, freezer=freezer)
+        model, opt, freezer = _ddp_worker.build()          # into the inner model before wrapping: no warning
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            am.load_checkpoint(tmp_path / "c.pt", model, opt, freezer=freezer)
+        assert sum(not p.requires_grad for p in freezer.params.values()) == 2
+    finally:
+        dist.destroy_process_group()

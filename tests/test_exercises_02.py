@@ -104,6 +104,7 @@ def test_ex2_rejects(wrong):
     am.layer_seed(0, "bert.encoder.layer.3.output.dense"),   # another layer's seed
     am.layer_seed(0, "intermediate.dense"),      # not the full dotted name
     "0", None, 1.0,
+    -1, 2 ** 64,                                 # no layer seed: outside [0, 2**63)
 ])
 def test_ex3_rejects(wrong):
     with pytest.raises(AssertionError):

@@ -21,7 +21,7 @@ import torch
 
 from bench import protocol as P
 from bench.protocol import (FAST_RESULTS, HERE, LR_FACTORS, LR_SEARCH_TASKS, METHODS, REPO, RESULTS, SEEDS,
-                            TASKS, append_record, check_out_path, helpers, learning_rates, read_records)
+                            TASKS, append_record, helpers, learning_rates, read_records)
 
 _load_task, grid_settings, train_one = P._load_task, P.grid_settings, P.train_one   # patched by tests
 
@@ -45,7 +45,7 @@ def run_glue_grid(tasks=TASKS, methods=METHODS, seeds=SEEDS, mode="full", out_pa
     quiet, log = log is None, log or (lambda s: None)
     if out_path is None:
         out_path = FAST_RESULTS / f"glue_{mode}_{device.type}.json"
-    out_path = check_out_path(out_path, "glue", device, mode)
+    out_path = Path(out_path)
     tasks = [helpers.task_name(t) for t in tasks]
     for m in methods:
         learning_rates(m, tasks[0])  # validates the method names up front

@@ -9,12 +9,13 @@ import os
 import statistics
 import sys
 import time
+from pathlib import Path
 
 import torch
 
 from bench import protocol as P
 from bench.protocol import (CPU_EPOCHS, CPU_MAX_STEPS, FULL_EPOCHS, HERE, METHODS, REPO, SEEDS, SPEED_NAMES,
-                            TASKS, _load_task, adapter_trainable, am, check_out_path, device_info, grid_settings,
+                            TASKS, _load_task, adapter_trainable, am, device_info, grid_settings,
                             helpers, write_records)
 
 build_model = P.build_model     # patched by tests
@@ -361,7 +362,7 @@ def run_speed(out_path=None, batch=64, length=128, warmup=None, rounds=None, ste
     rounds = (10 if cuda else 5) if rounds is None else rounds
     steps_per_round = (5 if cuda else 2) if steps_per_round is None else steps_per_round
     if out_path is not None:
-        out_path = check_out_path(out_path, "speed", device)
+        out_path = Path(out_path)
     t_build = time.perf_counter()
     configs = build_speed_configs(device, names)
     failed = {n: c["error"] for n, c in configs.items() if "error" in c}

@@ -255,11 +255,6 @@ def device_info(device) -> dict:
 # Result files
 
 
-def check_out_path(out_path, kind: str = "", device=None, mode: str = "full") -> Path:
-    """The output path as a Path (any name: CPU and GPU results are told apart by their records)."""
-    return Path(out_path)
-
-
 def read_records(path) -> list[dict]:
     """The list of records in a result file; [] if it does not exist."""
     path = Path(path)
