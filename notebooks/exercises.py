@@ -624,7 +624,9 @@ def ex03_3(answer, freezer):
                      "or not")
     missing = sorted(truth - steps - {T - tf})
     if missing:
-        hints.append(f"a decision after the warm-up can freeze a matrix: you left out {missing}")
+        hints.append(f"you left out {len(missing)} decision step{'s' * (len(missing) > 1)} between the warm-up and "
+                     f"T - t_f: every multiple of the window {w} after t_i = {ti} where k = int(N (1 - rho)) >= 1 "
+                     "is a decision that can freeze")
     raise AssertionError("; ".join(hints) or "not quite")
 
 

@@ -223,6 +223,12 @@ def test_ex3_rejects(fz3, wrong):
         ex.ex03_3(wrong, fz3)
 
 
+def test_ex3_hint_for_left_out_decisions_does_not_give_them_away(fz3):
+    with pytest.raises(AssertionError, match="left out 1 decision step") as err:
+        ex.ex03_3({25, 27}, fz3)
+    assert "20" not in str(err.value)
+
+
 def test_ex3_forced_step_on_the_grid():
     fz = am.AFLoRAFreezer(toy(), total_steps=30, t_init=10, t_final=5, window=5)
     assert ex.ex03_3({15, 20, 25}, fz) is True
