@@ -351,18 +351,21 @@ def matthews_corr(preds, labels) -> float:
 
 
 def _constant(x) -> bool:
+    """No correlation can be read from x: fewer than 2 values, all equal, or any NaN / inf (the
+    predictions of a model whose weights diverged)."""
     x = np.asarray(x, dtype=float)
-    return x.size < 2 or bool(np.all(x == x[0]))
+    return x.size < 2 or not bool(np.isfinite(x).all()) or bool(np.all(x == x[0]))
 
 
 def pearson(x, y) -> float:
-    """Pearson correlation; 0.0 (not NaN as in scipy) when either input is constant."""
+    """Pearson correlation; 0.0 (not NaN as in scipy) when either input is constant or not finite,
+    as a classifier's NaN logits score as one constant class."""
     from scipy.stats import pearsonr
     return 0.0 if _constant(x) or _constant(y) else float(pearsonr(np.asarray(x, float), np.asarray(y, float))[0])
 
 
 def spearman(x, y) -> float:
-    """Spearman rank correlation (ties: average ranks); 0.0 when either input is constant."""
+    """Spearman rank correlation (ties: average ranks); 0.0 when either input is constant or not finite."""
     from scipy.stats import spearmanr
     return 0.0 if _constant(x) or _constant(y) else float(spearmanr(np.asarray(x, float), np.asarray(y, float))[0])
 

@@ -367,6 +367,10 @@ def test_v2_search_widens_at_an_edge_and_stops():
     assert best == pytest.approx(1 / 27) and len(factors) == 5                          # at most 2 widenings
     tie = _search("lora", "MRPC", {1 / 3: 0.5, 1.0: 0.5, 3.0: 0.5})
     assert G.v2_search(tie, "lora", "MRPC")[1] == 1.0                                   # ties: closest to 1
+    edges = _search("lora", "RTE", {1 / 3: 0.6, 1.0: 0.5, 3.0: 0.6})
+    assert G.v2_search(edges, "lora", "RTE")[0] == [1 / 9, 1 / 3, 1.0, 3.0]              # 1/3 = 3: the smaller
+    nan = _search("lora", "STS-B", {1 / 3: float("nan"), 1.0: 0.6, 3.0: 0.55})
+    assert G.v2_search(nan, "lora", "STS-B") == ([1 / 3, 1.0, 3.0], 1.0)                # NaN never wins
     assert G.v2_choices(inner + up + tie + _search("lora", "CoLA", {1.0: 0.2})) == {
         ("lora", "RTE"): 1.0, ("elora", "RTE"): 3.0, ("lora", "MRPC"): 1.0}
 

@@ -70,6 +70,9 @@ def test_metric_edge_cases():
     assert H.pearson(np.ones(4), np.arange(4)) == 0.0  # documented: 0.0, not NaN
     assert H.pearson(np.arange(4), 2 * np.arange(4) + 1) == pytest.approx(1.0)
     assert H.spearman(np.arange(5), np.exp(np.arange(5))) == pytest.approx(1.0)
+    diverged = np.array([0.1, np.nan, 0.3, 0.2])                    # a model whose weights went NaN
+    assert H.pearson(diverged, np.arange(4)) == 0.0 and H.spearman(diverged, np.arange(4)) == 0.0
+    assert H.pearson(np.array([0.0, np.inf, 1.0]), np.arange(3)) == 0.0
 
 
 def test_compute_metrics_and_majority_baseline():

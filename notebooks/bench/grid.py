@@ -109,7 +109,7 @@ V2_DECISION = "protocol_v2.json"          # v2's warm-up decision, written once 
 def decide_v2_warmup() -> dict:
     """Protocol v2's warm-up floor, decided once: read from results/protocol_v2.json if it is there,
     else decided by diagnosis.warmup_choice from the finished diagnosis and written there (with its
-    reason and the diagnosis records it used), so that a later or longer diagnosis can never change
+    reason and how many diagnosis records it used), so that a later or longer diagnosis can never change
     it between v2's search and its grid. Raises while the diagnosis is unfinished."""
     path = RESULTS_DIR / V2_DECISION
     if path.is_file():
@@ -174,7 +174,8 @@ def v2_search(records, method: str, task: str) -> tuple[list[float], float | Non
     while True:
         if any(get(f) is None for f in factors):
             return factors, None
-        best = max(factors, key=lambda f: (round(get(f), 6), -abs(math.log(f))))
+        best = max(factors, key=lambda f: (round(get(f), 6) if math.isfinite(get(f)) else -math.inf,
+                                           -abs(math.log(f))))
         if len(factors) - len(V2_FACTORS) >= V2_MAX_WIDEN or min(factors) < best < max(factors):
             return factors, best
         factors = [best / 3] + factors if best == min(factors) else factors + [best * 3]

@@ -333,8 +333,11 @@ def diagnosis_markdown() -> str:
         out += ["", "Held-out score (best epoch, mean ± sd over seeds (n)), runs whose pooled features collapsed, "
                 "the final feature spread, the largest feed-forward |ΔW| at the end, and the step by which "
                 "AFLoRA's A and B were all frozen (of T):", "", "```text", D.table(recs), "```"]
+        decided = G.RESULTS_DIR / G.V2_DECISION          # once written, the decision v2 runs with
         try:
-            out += ["", "Warm-up rule for protocol v2: " + D.warmup_choice(recs)[1] + "."]
+            why = json.loads(decided.read_text(encoding="utf-8"))["why"] if decided.is_file() \
+                else D.warmup_choice(recs)[1]
+            out += ["", "Warm-up rule for protocol v2: " + why + "."]
         except RuntimeError:
             out += ["", "Warm-up rule for protocol v2: not decided yet (the released-head and warmup-floor arms "
                     "are unfinished)."]
