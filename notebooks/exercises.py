@@ -321,11 +321,12 @@ def ex02_3(answer, layer, run_seed, name):
     import aflora_min as am
     if isinstance(answer, bool) or not isinstance(answer, numbers.Integral):
         raise AssertionError(f"answer_3 should be an integer seed, got {answer!r}")
-    if not 0 <= answer < 2 ** 63:
+    try:
+        rebuilt = am.ELoRALinear(torch.nn.Linear(layer.in_features, layer.out_features), r=layer.r,
+                                 seed=int(answer))
+    except ValueError:                  # the library's own range check
         raise AssertionError(f"{answer} is no layer seed: layer_seed keeps 63 bits of a hash, so a layer's "
-                             "seed lies in [0, 2**63)")
-    rebuilt = am.ELoRALinear(torch.nn.Linear(layer.in_features, layer.out_features), r=layer.r,
-                             seed=int(answer))
+                             "seed lies in [0, 2**63)") from None
     if torch.equal(rebuilt.lora_A, layer.lora_A) and torch.equal(rebuilt.lora_B, layer.lora_B):
         return ok(f"seed {int(answer)} rebuilds A and B exactly: the checkpoint needs the run seed and "
                   "the layer name, never the matrices")

@@ -17,7 +17,7 @@ import torch
 import helpers as H
 
 ROOT = Path(__file__).resolve().parents[1]
-SHARED_GLUE = Path(os.environ.get("GLUE_DIR") or ROOT.parent / "shared" / "glue")
+SHARED_GLUE = Path(os.environ.get("GLUE_DIR") or H.DEFAULT_GLUE_DIR)   # CI sets GLUE_DIR
 HAVE_GLUE = all((SHARED_GLUE / t / "train.tsv").is_file() for t in H.TASKS)
 needs_glue = pytest.mark.skipif(not HAVE_GLUE, reason=f"no GLUE files under {SHARED_GLUE} (set GLUE_DIR)")
 ROWS = {"CoLA": (8551, 1043), "SST-2": (67349, 872), "MRPC": (3668, 408), "RTE": (2490, 277),
