@@ -351,7 +351,7 @@ def helpers_loader(tok, examples):
 
 def _search(method, task, scores):
     return [dict(task=task, method=method, seed=0, lr_factor=f, best=b, mode="cpu", kind="lr_search",
-                 protocol="v2") for f, b in scores.items()]
+                 protocol="v2", wall_s=600.0) for f, b in scores.items()]
 
 
 def test_v2_search_widens_at_an_edge_and_stops():
@@ -454,10 +454,12 @@ def test_v2_readme_block_reads_the_v2_files_beside_v1(tmp_path):
     finally:
         G.set_results_dir(P.RESULTS)
     assert "45 of 45 grid runs" in text and "lora     RTE" in text and "x1: 0.7000" in text
+    assert "CPU time: search 0.5 h, grid 0.1 h" in text                  # 3 x 600 s; 15 x (10 + 20 + 5) s
     assert "| RTE (acc) | 0.720 ± 0.010 (3) | 0.700 | 0.710 ± 0.010 (3) | 0.690 | 0.730 ± 0.010 (3) | 0.600 |" in text
     assert "0.7300 vs 0.7200 (+0.0100) on 5 task(s); 11.1x fewer" in text and "holds (" in text
     assert "| mean of the last epoch | 0.720 | 0.700 | 0.710 | 0.690 | 0.730 | 0.600 |" in text
     assert "0.25x (15 paired runs)" in text and "RTE +0.010" in text
+    assert "| whole-run CPU time, h | 0.04 | 0.04 | 0.08 | 0.04 | 0.02 | 0.04 |" in text   # 15 runs x 10, 20, 5 s
 
 
 def test_diagnosis_then_v2_adds_v2_only_once_the_diagnosis_is_done(tmp_path):

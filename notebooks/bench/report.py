@@ -371,7 +371,9 @@ def v2_markdown() -> str:
            f"{len(grid)} of {GRID_RUNS} grid runs are in "
            "[`lr_search_cpu_v2.json`](notebooks/results/lr_search_cpu_v2.json) and "
            "[`glue_cpu_v2.json`](notebooks/results/glue_cpu_v2.json)"
-           + (" (unfinished: the same command resumes it)." if len(grid) < GRID_RUNS else ".")]
+           + (" (unfinished: the same command resumes it)." if len(grid) < GRID_RUNS else ".")
+           + f" CPU time{' so far' if len(grid) < GRID_RUNS else ''}: search {sum(_run_time(r) for r in search) / 3600:.1f} h, "
+             f"grid {sum(_run_time(r) for r in grid) / 3600:.1f} h (one thread per run)."]
     if search:
         out += ["", "**Search** (held-out 10% of each training split, seed 0):", "", "```text",
                 v2_search_table(search), "```"]
@@ -401,6 +403,11 @@ def v2_markdown() -> str:
             f"{last(grid, m):.3f} | {last(v1, m):.3f}" for m in METHODS) + " |")
         out.append("| time-averaged trainable params | " + " | ".join(
             f"{g2[m]['params']:,.0f} | {g1[m]['params']:,.0f}" for m in METHODS) + " |")
+
+        def hours(recs, m):
+            return sum(_run_time(r) for r in recs if r["task"] in fair and r["method"] == m) / 3600
+        out.append("| whole-run CPU time, h | " + " | ".join(
+            f"{hours(grid, m):.2f} | {hours(v1, m):.2f}" for m in METHODS) + " |")
     rows = {r["target"]: r for r in targets(grid, None, "glue_cpu_v2.json")}
     final = len(grid) >= GRID_RUNS
 
