@@ -459,7 +459,15 @@ def test_v2_readme_block_reads_the_v2_files_beside_v1(tmp_path):
     assert "0.7300 vs 0.7200 (+0.0100) on 5 task(s); 11.1x fewer" in text and "holds (" in text
     assert "| mean of the last epoch | 0.720 | 0.700 | 0.710 | 0.690 | 0.730 | 0.600 |" in text
     assert "0.25x (15 paired runs)" in text and "RTE +0.010" in text
-    assert "| whole-run CPU time, h | 0.04 | 0.04 | 0.08 | 0.04 | 0.02 | 0.04 |" in text   # 15 runs x 10, 20, 5 s
+    assert "| whole-run CPU time, h (v1: the same tasks and seeds) | 0.04 | 0.04 | 0.08 | 0.04 | 0.02 | 0.04 |" in text
+    P.write_records(tmp_path / "glue_cpu_v2.json", [r for r in v2 if r["seed"] == 0])    # one seed in so far
+    G.set_results_dir(tmp_path)
+    try:
+        text = R.v2_markdown()
+    finally:
+        G.set_results_dir(P.RESULTS)
+    assert "15 of 45 grid runs" in text and "(unfinished" in text            # v1's time on seed 0 only: 5 x 10 s
+    assert "| whole-run CPU time, h (v1: the same tasks and seeds) | 0.01 | 0.01 | 0.03 | 0.01 | 0.01 | 0.01 |" in text
 
 
 def test_diagnosis_then_v2_adds_v2_only_once_the_diagnosis_is_done(tmp_path):
