@@ -487,3 +487,28 @@ def test_diagnosis_then_v2_adds_v2_only_once_the_diagnosis_is_done(tmp_path):
         assert G.decide_v2_warmup()["warmup_floor"] == 0
     finally:
         G.set_results_dir(P.RESULTS)
+
+
+def _diag_rows(cola_aflora=0.20, frozen_ab=0.22, stsb_collapsed=(3, 2, 0), lora_collapsed=0):
+    """Summary rows (bench.diagnosis.summary's format) of a finished diagnosis, for its README reading."""
+    rows = []
+    for arm, n_c in zip(("v1-head", "released-head", "warmup-floor"), stsb_collapsed):
+        for task in ("STS-B", "CoLA"):
+            for m, v in (("lora", 0.80 if task == "STS-B" else 0.26), ("elora", 0.87 if task == "STS-B" else 0.28),
+                         ("aflora", 0.85 if task == "STS-B" else cola_aflora)):
+                c = n_c if (m, task) == ("aflora", "STS-B") else lora_collapsed if (m, arm) == ("lora", "v1-head") else 0
+                rows.append(dict(arm=arm, task=task, method=m, seeds=[0, 1, 2], mean=v, sd=0.01, collapsed=c,
+                                 warmup_steps=100 if arm == "warmup-floor" else 29))
+    rows += [dict(arm=a, task="CoLA", method="aflora", seeds=[0, 1, 2], mean=v, sd=0.01, collapsed=0, warmup_steps=72)
+             for a, v in (("late-freeze", 0.21), ("frozen-AB", frozen_ab))]
+    return rows
+
+
+def test_diagnosis_reading_takes_its_words_from_the_numbers():
+    text = R.diagnosis_reading(_diag_rows())
+    assert "in 3 of 3 seeds under v1's classifier rate" in text and "in 0 of 3 with the released rate and a 100-step" in text
+    assert "LoRA and ELoRA did not collapse under any arm" in text and "AFLoRA trails both" in text
+    assert "0.220 ± 0.010, no lower than the adaptive phase's 0.200 ± 0.010" in text and "did not measurably help" in text
+    text = R.diagnosis_reading(_diag_rows(cola_aflora=0.30, frozen_ab=0.25, lora_collapsed=1))
+    assert "AFLoRA does not trail both" in text and "below the adaptive phase's 0.300" in text
+    assert "helped by more than the seeds' spread" in text and "LoRA or ELoRA collapsed too: v1-head STS-B lora 1 of 3" in text

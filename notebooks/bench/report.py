@@ -341,7 +341,49 @@ def diagnosis_markdown() -> str:
         except RuntimeError:
             out += ["", "Warm-up rule for protocol v2: not decided yet (the released-head and warmup-floor arms "
                     "are unfinished)."]
+        if len(recs) == n_jobs:
+            out += ["", diagnosis_reading(D.summary(recs))]
     return "\n".join(out) + "\n"
+
+
+def diagnosis_reading(rows) -> str:
+    """The finished diagnosis in a few sentences, every number and every comparison word from its summary
+    rows (bench.diagnosis.summary)."""
+    row = {(r["arm"], r["task"], r["method"]): r for r in rows}
+
+    def score(arm, task, method):
+        r = row[(arm, task, method)]
+        return f"{r['mean']:.3f} ± {r['sd']:.3f}"
+
+    def coll(arm):
+        r = row[(arm, "STS-B", "aflora")]
+        return f"{r['collapsed']} of {len(r['seeds'])}"
+    others = [r for r in rows if r["method"] != "aflora"]
+    arms = ("v1-head", "released-head", "warmup-floor")
+    trails = all(row[(a, "CoLA", "aflora")]["mean"] < min(row[(a, "CoLA", m)]["mean"] for m in ("lora", "elora"))
+                 for a in arms)
+    adaptive, frozen = row[("released-head", "CoLA", "aflora")], row[("frozen-AB", "CoLA", "aflora")]
+    floor = row[("warmup-floor", "STS-B", "aflora")]["warmup_steps"]
+    return (f"**Reading.** On held-out STS-B, AFLoRA's pooled features collapsed (one output for every input) in "
+            f"{coll('v1-head')} seeds under v1's classifier rate (Pearson {score('v1-head', 'STS-B', 'aflora')}), in "
+            f"{coll('released-head')} with the released rate alone ({score('released-head', 'STS-B', 'aflora')}) and in "
+            f"{coll('warmup-floor')} with the released rate and a {floor}-step warm-up "
+            f"({score('warmup-floor', 'STS-B', 'aflora')}; LoRA {score('warmup-floor', 'STS-B', 'lora')}, ELoRA "
+            f"{score('warmup-floor', 'STS-B', 'elora')} under the same arm). "
+            + ("LoRA and ELoRA did not collapse under any arm. " if not any(r["collapsed"] for r in others) else
+               "LoRA or ELoRA collapsed too: " + ", ".join(f"{r['arm']} {r['task']} {r['method']} {r['collapsed']} of "
+                                                         f"{len(r['seeds'])}" for r in others if r["collapsed"]) + ". ")
+            + 
+            "(The longer warm-up with v1's rate was not tried.) "
+            f"On CoLA, AFLoRA {'trails' if trails else 'does not trail'} both LoRA and ELoRA under every head and "
+            f"warm-up arm (released head: {score('released-head', 'CoLA', 'aflora')} vs LoRA "
+            f"{score('released-head', 'CoLA', 'lora')} and ELoRA {score('released-head', 'CoLA', 'elora')} MCC), and "
+            f"A, B frozen from step 0 scored {score('frozen-AB', 'CoLA', 'aflora')}, "
+            f"{'no lower than' if frozen['mean'] >= adaptive['mean'] else 'below'} the adaptive phase's "
+            f"{score('released-head', 'CoLA', 'aflora')} (a later freeze: {score('late-freeze', 'CoLA', 'aflora')}): "
+            + ("on this model and budget the adaptive phase did not measurably help."
+               if frozen["mean"] >= adaptive["mean"] - max(adaptive["sd"], frozen["sd"]) else
+               "the adaptive phase helped by more than the seeds' spread."))
 
 
 def v2_search_table(records) -> str:
