@@ -512,3 +512,29 @@ def test_diagnosis_reading_takes_its_words_from_the_numbers():
     text = R.diagnosis_reading(_diag_rows(cola_aflora=0.30, frozen_ab=0.25, lora_collapsed=1))
     assert "AFLoRA does not trail both" in text and "below the adaptive phase's 0.300" in text
     assert "helped by more than the seeds' spread" in text and "LoRA or ELoRA collapsed too: v1-head STS-B lora 1 of 3" in text
+
+
+def test_readme_status_names_the_current_verdict(tmp_path):
+    v1, v2 = [], []
+    for task in P.TASKS:
+        for seed in (0, 1, 2):
+            v1 += [_rec(task, m, seed, b, p, 10.0, kind="grid") for m, b, p in
+                   (("lora", 0.70, 331_776), ("elora", 0.69, 57_600), ("aflora", 0.60, 34_000))]
+            v2 += [_rec(task, m, seed, b, p, 10.0, kind="grid", protocol="v2") for m, b, p in
+                   (("lora", 0.70, 331_776), ("elora", 0.69, 57_600), ("aflora", 0.71, 34_000))]
+    P.write_records(tmp_path / "glue_cpu.json", v1)
+    P.write_records(tmp_path / "diagnosis_cpu.json", _fake_diagnosis(0.01)[:-1])
+    P.write_records(tmp_path / "glue_cpu_v2.json", v2[:10])
+    G.set_results_dir(tmp_path)
+    try:
+        partial = R.status_markdown()
+        P.write_records(tmp_path / "glue_cpu_v2.json", v2)
+        P.write_records(tmp_path / "diagnosis_cpu.json", _fake_diagnosis(0.01))
+        done = R.status_markdown()
+    finally:
+        G.set_results_dir(P.RESULTS)
+    assert "does not hold (0.6000 vs 0.7000" in partial and "The current verdict until v2 is complete" in partial
+    assert "(56 of 57 held-out runs" in partial and "unfinished." in partial
+    assert "running: 0 of 15 (method, task) learning-rate searches and 10 of 45 grid runs done" in partial
+    assert "holds (0.7100 vs 0.7000" in done and "This is the current verdict" in done
+    assert "The current verdict until" not in done and "collapsed in 0 of 3 seeds under v1's recipe" in done

@@ -359,9 +359,7 @@ def diagnosis_reading(rows) -> str:
         r = row[(arm, "STS-B", "aflora")]
         return f"{r['collapsed']} of {len(r['seeds'])}"
     others = [r for r in rows if r["method"] != "aflora"]
-    arms = ("v1-head", "released-head", "warmup-floor")
-    trails = all(row[(a, "CoLA", "aflora")]["mean"] < min(row[(a, "CoLA", m)]["mean"] for m in ("lora", "elora"))
-                 for a in arms)
+    trails = _cola_trails(row)
     adaptive, frozen = row[("released-head", "CoLA", "aflora")], row[("frozen-AB", "CoLA", "aflora")]
     floor = row[("warmup-floor", "STS-B", "aflora")]["warmup_steps"]
     return (f"**Reading.** On held-out STS-B, AFLoRA's pooled features collapsed (one output for every input) in "
@@ -469,10 +467,58 @@ def v2_markdown() -> str:
     return "\n".join(out) + "\n"
 
 
+def _collapse_line(rows) -> str:
+    row = {(r["arm"], r["task"], r["method"]): r for r in rows}
+    a, b = row[("v1-head", "STS-B", "aflora")], row[("warmup-floor", "STS-B", "aflora")]
+    return (f"AFLoRA's held-out STS-B runs collapsed in {a['collapsed']} of {len(a['seeds'])} seeds under v1's recipe "
+            f"(Pearson {a['mean']:.3f}) and in {b['collapsed']} of {len(b['seeds'])} with the released classifier rate "
+            f"and a {b['warmup_steps']}-step warm-up ({b['mean']:.3f}); on CoLA it "
+            + ("trailed LoRA and ELoRA under every head and warm-up arm" if _cola_trails(row) else
+               "did not trail LoRA and ELoRA under every arm") + " (its reading is below the diagnosis table).")
+
+
+def _cola_trails(row) -> bool:
+    """Whether AFLoRA's held-out CoLA score is below both LoRA's and ELoRA's under each head and warm-up arm."""
+    return all(row[(a, "CoLA", "aflora")]["mean"] < min(row[(a, "CoLA", m)]["mean"] for m in ("lora", "elora"))
+               for a in ("v1-head", "released-head", "warmup-floor"))
+
+
+def status_markdown() -> str:
+    """The README's "where things stand": one line per study (v1, the diagnosis, v2), which verdict is
+    the current one, from the result files only."""
+    from bench import diagnosis as D
+    v1 = [r for r in read_records(G.GLUE_CPU) if r.get("kind") == "grid"]
+    diag = read_records(G.RESULTS_DIR / G.DIAGNOSIS_FILE)
+    search = read_records(G.results_file("v2", "lr_search"))
+    v2 = [r for r in read_records(G.results_file("v2", "grid")) if r.get("kind") == "grid"]
+    acc = "AFLoRA mean >= LoRA mean, with >= 5x fewer time-averaged params"
+    words = {"met": "holds", "missed": "does not hold", "not measured yet": "not measured yet"}
+
+    def claim(recs, name):
+        r = {x["target"]: x for x in targets(recs, None, name)}[acc]
+        return f"AFLoRA matches LoRA with >= 5x fewer parameters: {words[r['status']]} ({r['value']})"
+    n_diag, done_v2 = len(D.diagnosis_jobs()), len(v2) >= GRID_RUNS
+    lines = [f"- **Protocol v1** ({len(v1)} of {GRID_RUNS} grid runs, `glue_cpu.json`): {claim(v1, 'glue_cpu.json')}."
+             + ("" if done_v2 else " The current verdict until v2 is complete; its recipe is in question (next line)."),
+             f"- **Diagnosis** ({len(diag)} of {n_diag} held-out runs, `diagnosis_cpu.json`): "
+             + ("unfinished." if len(diag) < n_diag else _collapse_line(D.summary(diag)))]
+    if done_v2:
+        lines.append(f"- **Protocol v2** ({len(v2)} of {GRID_RUNS} grid runs, `glue_cpu_v2.json`): "
+                     f"{claim(v2, 'glue_cpu_v2.json')}. This is the current verdict; v1's stays as the record of "
+                     "the first protocol.")
+    else:
+        lines.append(f"- **Protocol v2** (running: {len(G.v2_choices(search))} of {len(TASKS) * len(METHODS)} "
+                     f"(method, task) learning-rate searches and {len(v2)} of {GRID_RUNS} grid runs done): its "
+                     "block at the end of this section fills in as runs land; its verdict replaces v1's once all "
+                     f"{GRID_RUNS} runs are in.")
+    return "Where things stand (generated from the result files):\n\n" + "\n".join(lines) + "\n"
+
+
 def readme_blocks() -> dict:
     """{marker name: text} of the README's generated blocks: between `<!-- NAME:begin ... -->` and
     `<!-- NAME:end -->` the README holds exactly this text (tests/test_readme.py checks it)."""
-    return dict(results=results_markdown(), diagnosis=diagnosis_markdown(), v2=v2_markdown())
+    return dict(status=status_markdown(), results=results_markdown(), diagnosis=diagnosis_markdown(),
+                v2=v2_markdown())
 
 
 def update_readme(path) -> list[str]:
