@@ -371,8 +371,7 @@ def diagnosis_reading(rows) -> str:
             + ("LoRA and ELoRA did not collapse under any arm. " if not any(r["collapsed"] for r in others) else
                "LoRA or ELoRA collapsed too: " + ", ".join(f"{r['arm']} {r['task']} {r['method']} {r['collapsed']} of "
                                                          f"{len(r['seeds'])}" for r in others if r["collapsed"]) + ". ")
-            + 
-            "(The longer warm-up with v1's rate was not tried.) "
+            + "(The longer warm-up with v1's rate was not tried.) "
             f"On CoLA, AFLoRA {'trails' if trails else 'does not trail'} both LoRA and ELoRA under every head and "
             f"warm-up arm (released head: {score('released-head', 'CoLA', 'aflora')} vs LoRA "
             f"{score('released-head', 'CoLA', 'lora')} and ELoRA {score('released-head', 'CoLA', 'elora')} MCC), and "
