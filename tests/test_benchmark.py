@@ -460,6 +460,7 @@ def test_v2_readme_block_reads_the_v2_files_beside_v1(tmp_path):
     assert "| mean of the last epoch | 0.720 | 0.700 | 0.710 | 0.690 | 0.730 | 0.600 |" in text
     assert "0.25x (15 paired runs)" in text and "RTE +0.010" in text
     assert "| whole-run CPU time, h (v1: the same tasks and seeds) | 0.04 | 0.04 | 0.08 | 0.04 | 0.02 | 0.04 |" in text
+    assert "**Verdict** (protocol v2, CoLA, SST-2, MRPC, RTE, STS-B; 3 seeds" in text and "matches or beats LoRA holds here." in text
     P.write_records(tmp_path / "glue_cpu_v2.json", [r for r in v2 if r["seed"] == 0])    # one seed in so far
     G.set_results_dir(tmp_path)
     try:
@@ -467,7 +468,41 @@ def test_v2_readme_block_reads_the_v2_files_beside_v1(tmp_path):
     finally:
         G.set_results_dir(P.RESULTS)
     assert "15 of 45 grid runs" in text and "(unfinished" in text            # v1's time on seed 0 only: 5 x 10 s
+    assert "**Verdict so far** (protocol v2, CoLA, SST-2, MRPC, RTE, STS-B; 1 seeds" in text and "p n/a" in text
     assert "| whole-run CPU time, h (v1: the same tasks and seeds) | 0.01 | 0.01 | 0.03 | 0.01 | 0.01 | 0.01 |" in text
+
+
+def test_compare_is_welchs_t_test_over_the_seeds():
+    from scipy.stats import t as student_t
+    a, b = [0.70, 0.74, 0.69], [0.80, 0.81, 0.83]
+    recs = [_rec("RTE", "aflora", i, v, 1, 1.0) for i, v in enumerate(a)] + \
+        [_rec("RTE", "lora", i, v, 1, 1.0) for i, v in enumerate(b)]
+    c = R.compare(recs, "RTE", "aflora", "lora")
+    va, vb = (sum((x - sum(v) / 3) ** 2 for x in v) / 2 / 3 for v in (a, b))   # variance of each mean
+    tt = (sum(a) / 3 - sum(b) / 3) / math.sqrt(va + vb)
+    df = (va + vb) ** 2 / (va ** 2 / 2 + vb ** 2 / 2)                          # Welch-Satterthwaite
+    assert c["gap"] == pytest.approx(sum(a) / 3 - sum(b) / 3)
+    assert c["p"] == pytest.approx(2 * student_t.sf(abs(tt), df))
+    assert R.compare(recs[:1] + recs[3:], "RTE", "aflora", "lora")["p"] is None      # one seed: no test
+
+
+def test_v2_reading_groups_tasks_by_what_the_seeds_resolve():
+    recs = []
+    for seed, noise in enumerate((-0.01, 0.0, 0.01)):
+        for task, lora, aflora in (("CoLA", 0.30, 0.20), ("RTE", 0.60, 0.60), ("STS-B", 0.80, 0.91)):
+            recs += [_rec(task, "lora", seed, lora + noise, 300_000, 1.0),
+                     _rec(task, "elora", seed, lora - noise, 60_000, 1.0),
+                     _rec(task, "aflora", seed, aflora + 2 * noise, 30_000, 1.0)]
+    text = R.v2_reading(recs, recs, final=True)
+    assert "AFLoRA's mean is 0.570 against LoRA's 0.567 (+0.003) with 10.0x fewer" in text and "LoRA holds here." in text
+    against_lora = text.split("AFLoRA against LoRA: ")[1].split(". Against ELoRA")[0]
+    assert against_lora.startswith("below on CoLA (-0.100") and "no difference the seeds resolve on RTE (+0.000" in against_lora
+    assert "above on STS-B (+0.110" in against_lora
+    assert "Verdict so far" in R.v2_reading(recs, recs, final=False) and "holds here so far" in R.v2_reading(recs, recs, False)
+    lower = [dict(r, best=r["best"] - 0.01) if r["method"] == "aflora" else r for r in recs]
+    assert "does not hold here." in R.v2_reading(lower, recs, True)                  # mean below LoRA's
+    assert "AFLoRA r=4 0.570 -> 0.560" in R.v2_reading(lower, recs, True)            # v1 -> v2 on the same tasks
+    assert R.v2_reading([r for r in recs if r["method"] != "elora"], recs, True) == ""   # no task has every method
 
 
 def test_diagnosis_then_v2_adds_v2_only_once_the_diagnosis_is_done(tmp_path):

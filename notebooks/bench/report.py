@@ -463,7 +463,56 @@ def v2_markdown() -> str:
         gaps = {t: statistics.mean(r["best"] for r in grid if r["task"] == t and r["method"] == "aflora")
                 - statistics.mean(r["best"] for r in grid if r["task"] == t and r["method"] == "lora") for t in fair}
         out.append("- AFLoRA - LoRA per task: " + ", ".join(f"{t} {d:+.3f}" for t, d in gaps.items()) + ".")
+        out += ["", v2_reading(grid, v1, final)]
     return "\n".join(out) + "\n"
+
+
+def compare(records, task, a, b) -> dict:
+    """a's mean - b's mean on task over their seeds, and Welch's t-test over the seeds (scipy): dict(gap,
+    p, n_a, n_b); p is None with fewer than 2 seeds each or no spread at all."""
+    from scipy.stats import ttest_ind
+    x = [r["best"] for r in records if r["task"] == task and r["method"] == a]
+    y = [r["best"] for r in records if r["task"] == task and r["method"] == b]
+    p = None
+    if len(x) > 1 and len(y) > 1 and (statistics.pstdev(x) > 0 or statistics.pstdev(y) > 0):
+        p = float(ttest_ind(x, y, equal_var=False).pvalue)
+    return dict(gap=statistics.mean(x) - statistics.mean(y), p=p, n_a=len(x), n_b=len(y))
+
+
+def _per_task_words(records, tasks, other, alpha=0.05) -> str:
+    """AFLoRA against `other` per task, in three groups: below, no resolvable difference, above."""
+    groups = {"below": [], "no difference the seeds resolve": [], "above": []}
+    for t in tasks:
+        c = compare(records, t, "aflora", other)
+        p = "p n/a" if c["p"] is None else "p < 0.001" if c["p"] < 0.001 else f"p {c['p']:.3f}"
+        key = ("no difference the seeds resolve" if c["p"] is None or c["p"] >= alpha
+               else "above" if c["gap"] > 0 else "below")
+        groups[key].append(f"{t} ({c['gap']:+.3f}, {p})")
+    return "; ".join(f"{k} on {', '.join(v)}" for k, v in groups.items() if v)
+
+
+def v2_reading(grid, v1, final: bool) -> str:
+    """The plain verdict of protocol v2, every number and word from the records: the mean over the tasks
+    every method has finished, the parameter ratio, per task AFLoRA against LoRA and ELoRA (Welch's
+    t-test over seeds, p < 0.05), and how far each method moved from v1 on the same tasks."""
+    fair = complete_tasks(grid)
+    if not fair:
+        return ""
+    g2 = summarize_glue([r for r in grid if r["task"] in fair])
+    g1 = summarize_glue([r for r in v1 if r["task"] in fair])
+    lo, af, el = g2["lora"], g2["aflora"], g2["elora"]
+    ratio = lo["params"] / af["params"]
+    holds = af["mean"] >= lo["mean"] and ratio >= 5
+    seeds = sorted({n for m in g2.values() for n in m["n"].values()})
+    return (f"**Verdict{'' if final else ' so far'}** (protocol v2, {', '.join(fair)}; "
+            f"{'/'.join(map(str, seeds))} seeds per task and method). AFLoRA's mean is {af['mean']:.3f} against LoRA's "
+            f"{lo['mean']:.3f} ({af['mean'] - lo['mean']:+.3f}) with {ratio:.1f}x fewer time-averaged trainable "
+            f"parameters: the paper's claim that it matches or beats LoRA {'holds' if holds else 'does not hold'} "
+            f"here{'' if final else ' so far'}. Per task (AFLoRA - LoRA, Welch's t-test over the seeds, p < 0.05; "
+            f"with 3 seeds only large gaps resolve), AFLoRA against LoRA: {_per_task_words(grid, fair, 'lora')}. "
+            f"Against ELoRA (mean {el['mean']:.3f}, {el['params'] / af['params']:.1f}x AFLoRA's parameters): "
+            f"{_per_task_words(grid, fair, 'elora')}. From v1 to v2 on these tasks the means moved: "
+            + ", ".join(f"{METHOD_LABELS[m]} {g1[m]['mean']:.3f} -> {g2[m]['mean']:.3f}" for m in METHODS) + ".")
 
 
 def _collapse_line(rows) -> str:
