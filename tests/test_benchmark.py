@@ -107,6 +107,7 @@ def test_summarize_and_targets_from_results():
     assert s["lora"]["n"] == {"MRPC": 2, "RTE": 2} and s["lora"]["sd"]["RTE"] == 0.0
     assert R.complete_tasks(glue) == ["MRPC", "RTE"]
     assert R.complete_tasks(glue[:-1]) == ["RTE"]                     # MRPC seed 1 misses AFLoRA
+    assert R.complete_tasks(glue, seeds=(0, 1)) == ["MRPC", "RTE"] and R.complete_tasks(glue, seeds=(0, 1, 2)) == []
     speed = [dict(name="floor", step_ms=10.0), dict(name="peft_lora8", step_ms=20.0),
              dict(name="lora8", step_ms=19.0), dict(name="peft_vera1024", step_ms=50.0),
              dict(name="elora1024", step_ms=60.0), dict(name="aflora4_frozen", step_ms=11.9),
@@ -468,8 +469,16 @@ def test_v2_readme_block_reads_the_v2_files_beside_v1(tmp_path):
     finally:
         G.set_results_dir(P.RESULTS)
     assert "15 of 45 grid runs" in text and "(unfinished" in text            # v1's time on seed 0 only: 5 x 10 s
-    assert "**Verdict so far** (protocol v2, CoLA, SST-2, MRPC, RTE, STS-B; 1 seeds" in text and "p n/a" in text
-    assert "| whole-run CPU time, h (v1: the same tasks and seeds) | 0.01 | 0.01 | 0.03 | 0.01 | 0.01 | 0.01 |" in text
+    assert "| RTE (acc) | 0.710 (1) | 0.700 | 0.700 (1) | 0.690 | 0.720 (1) | 0.600 |" in text   # no sd of one
+    assert "Verdict" not in text and "mean over" not in text and "not measured yet" in text     # no task has 3 seeds
+    P.write_records(tmp_path / "glue_cpu_v2.json", [r for r in v2 if r["task"] == "RTE" or r["seed"] == 0])
+    G.set_results_dir(tmp_path)
+    try:
+        text = R.v2_markdown()
+    finally:
+        G.set_results_dir(P.RESULTS)
+    assert "**Verdict so far** (protocol v2, RTE; 3 seeds" in text and "| mean over RTE |" in text
+    assert "| whole-run CPU time, h (v1: the same tasks and seeds) | 0.01 | 0.01 | 0.02 | 0.01 | 0.00 | 0.01 |" in text
 
 
 def test_compare_is_welchs_t_test_over_the_seeds():

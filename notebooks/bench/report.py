@@ -7,8 +7,8 @@ import math
 import statistics
 
 from bench import grid as G
-from bench.protocol import (CPU_EPOCHS, CPU_MAX_STEPS, GRID_RUNS, METHOD_LABELS, METHODS, RESULTS, TASKS, helpers,
-                            read_records)
+from bench.protocol import (CPU_EPOCHS, CPU_MAX_STEPS, GRID_RUNS, METHOD_LABELS, METHODS, RESULTS, SEEDS, TASKS,
+                            helpers, read_records)
 from bench.grid import lr_search_table
 
 # ------------------------------------------------------------------------------------------------
@@ -51,12 +51,13 @@ def _paired_walls(records, a, b):
     return (sum(wa[k] for k in keys), sum(wb[k] for k in keys), len(keys)) if keys else None
 
 
-def complete_tasks(records, methods=METHODS) -> list[str]:
-    """Tasks on which every method has the same (non-empty) set of seeds: the fair comparison set."""
+def complete_tasks(records, methods=METHODS, seeds=None) -> list[str]:
+    """Tasks on which every method has the same (non-empty) set of seeds: the fair comparison set. With
+    `seeds`, only the tasks where that set is exactly `seeds` (protocol v2 reads a task once all are in)."""
     out = []
     for t in TASKS:
-        seeds = [frozenset(r["seed"] for r in records if r["task"] == t and r["method"] == m) for m in methods]
-        if seeds[0] and all(s == seeds[0] for s in seeds):
+        have = [frozenset(r["seed"] for r in records if r["task"] == t and r["method"] == m) for m in methods]
+        if have[0] and all(s == have[0] for s in have) and (seeds is None or have[0] == frozenset(seeds)):
             out.append(t)
     return out
 
@@ -412,13 +413,16 @@ def v2_markdown() -> str:
            "[`glue_cpu_v2.json`](notebooks/results/glue_cpu_v2.json)"
            + (" (unfinished: the same command resumes it)." if len(grid) < GRID_RUNS else ".")
            + f" CPU time{' so far' if len(grid) < GRID_RUNS else ''}: search {sum(_run_time(r) for r in search) / 3600:.1f} h, "
-             f"grid {sum(_run_time(r) for r in grid) / 3600:.1f} h (one thread per run)."]
+             f"grid {sum(_run_time(r) for r in grid) / 3600:.1f} h (one thread per run; two run at a time on this "
+             f"2-core machine, so about {sum(_run_time(r) for r in search + grid) / 7200:.1f} h of the machine)."
+           + ("" if len(grid) >= GRID_RUNS else f" A task is compared once every method has its {len(SEEDS)} seeds.")]
     if search:
         out += ["", "**Search** (held-out 10% of each training split, seed 0):", "", "```text",
                 v2_search_table(search), "```"]
     if not grid:
         return "\n".join(out) + "\n"
-    out += ["", "**Accuracy, v2** (best dev epoch, mean ± sd over seeds (n)), v1's mean beside it:", "",
+    out += ["", "**Accuracy, v2** (best dev epoch, mean ± sd over seeds (n); a lone seed has no sd), v1's mean "
+            "beside it:", "",
             "| task | " + " | ".join(f"{METHOD_LABELS[m]} v2 | v1" for m in METHODS) + " |",
             "|---" * (2 * len(METHODS) + 1) + "|"]
     for t in TASKS:
@@ -426,11 +430,11 @@ def v2_markdown() -> str:
         for m in METHODS:
             v = [r["best"] for r in grid if r["task"] == t and r["method"] == m]
             w = [r["best"] for r in v1 if r["task"] == t and r["method"] == m]
-            sd = statistics.stdev(v) if len(v) > 1 else 0.0
-            cells += ["pending" if not v else f"{statistics.mean(v):.3f} ± {sd:.3f} ({len(v)})",
+            cells += ["pending" if not v else f"{statistics.mean(v):.3f}"
+                      + (f" ± {statistics.stdev(v):.3f}" if len(v) > 1 else "") + f" ({len(v)})",
                       f"{statistics.mean(w):.3f}" if w else "-"]
         out.append(f"| {t} ({helpers.TASKS[t]['metric']}) | " + " | ".join(cells) + " |")
-    fair = complete_tasks(grid)
+    fair = complete_tasks(grid, seeds=SEEDS)
     if fair:
         g2, g1 = summarize_glue([r for r in grid if r["task"] in fair]), summarize_glue([r for r in v1 if r["task"] in fair])
         out.append(f"| mean over {', '.join(fair)} | " + " | ".join(
@@ -448,7 +452,7 @@ def v2_markdown() -> str:
         keys = {m: {(r["task"], r["seed"]) for r in grid if r["task"] in fair and r["method"] == m} for m in METHODS}
         out.append("| whole-run CPU time, h (v1: the same tasks and seeds) | " + " | ".join(
             f"{hours(grid, m, keys[m]):.2f} | {hours(v1, m, keys[m]):.2f}" for m in METHODS) + " |")
-    rows = {r["target"]: r for r in targets(grid, None, "glue_cpu_v2.json")}
+    rows = {r["target"]: r for r in targets([r for r in grid if r["task"] in fair], None, "glue_cpu_v2.json")}
     final = len(grid) >= GRID_RUNS
 
     def verdict(r):
@@ -493,9 +497,9 @@ def _per_task_words(records, tasks, other, alpha=0.05) -> str:
 
 def v2_reading(grid, v1, final: bool) -> str:
     """The plain verdict of protocol v2, every number and word from the records: the mean over the tasks
-    every method has finished, the parameter ratio, per task AFLoRA against LoRA and ELoRA (Welch's
+    every method has finished with all its seeds, the parameter ratio, per task AFLoRA against LoRA and ELoRA (Welch's
     t-test over seeds, p < 0.05), and how far each method moved from v1 on the same tasks."""
-    fair = complete_tasks(grid)
+    fair = complete_tasks(grid, seeds=SEEDS)
     if not fair:
         return ""
     g2 = summarize_glue([r for r in grid if r["task"] in fair])
