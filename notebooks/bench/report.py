@@ -221,7 +221,7 @@ def results_markdown() -> str:
     if thr:
         choices.append(f"- Two 1-thread processes give {thr[0]['ratio']:.2f}x the training throughput of one 2-thread "
                        "process ([`threads_cpu.json`](notebooks/results/threads_cpu.json), "
-                       "`benchmark.py threads --out notebooks/results/threads_cpu.json`): "
+                       f"`{thr[0]['command'].removeprefix('python notebooks/')}`): "
                        "the grid runs two 1-thread workers.")
     if plan:
         def total(kind):
@@ -407,7 +407,8 @@ def v2_markdown() -> str:
     n_pairs = len(TASKS) * len(METHODS)
     done = len(G.v2_choices(search))
     out = [f"Status: {len(search)} learning-rate search runs ({done} of {n_pairs} (method, task) searches finished, "
-           f"{len(G.V2_FACTORS)} to {len(G.V2_FACTORS) + G.V2_MAX_WIDEN} factors each) and "
+           f"{len(G.V2_FACTORS)} factors each, one more x3 beyond the edge while the best is at an edge, at most "
+           f"{G.V2_MAX_WIDEN} more) and "
            f"{len(grid)} of {GRID_RUNS} grid runs are in "
            "[`lr_search_cpu_v2.json`](notebooks/results/lr_search_cpu_v2.json) and "
            "[`glue_cpu_v2.json`](notebooks/results/glue_cpu_v2.json)"
