@@ -582,3 +582,15 @@ def test_readme_status_names_the_current_verdict(tmp_path):
     assert "running: 0 of 15 (method, task) learning-rate searches and 10 of 45 grid runs done" in partial
     assert "holds (0.7100 vs 0.7000" in done and "This is the current verdict" in done
     assert "The current verdict until" not in done and "collapsed in 0 of 3 seeds under v1's recipe" in done
+
+
+def test_one_class_scores_mark_a_search_run_that_learned_nothing():
+    labels = [e["label"] for e in P._load_task("RTE", P.grid_settings("RTE", "cpu"), split="heldout")[1]]
+    positive = sum(labels) / len(labels)                          # RTE's class 1: not_entailment
+    assert R.one_class_scores("RTE") == pytest.approx((1 - positive, positive))   # accuracy of a constant
+    assert R.one_class_scores("CoLA") == (0.0, 0.0)               # MCC of a constant prediction
+    assert R.one_class_scores("STS-B") == ()                      # a regression has no class
+    recs = _search("lora", "RTE", {1 / 3: 0.55, 1.0: positive, 3.0: 0.6})
+    table = R.v2_search_table(recs, R.one_class_scores)
+    assert f"x1: {positive:.4f}* " in table and "x3: 0.6000 " in table and "learned nothing" in table
+    assert "*" not in R.v2_search_table(recs)                     # without labels nothing is marked

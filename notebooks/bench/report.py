@@ -2,11 +2,15 @@
 paper's numbers, and the README's "Results" section generated from the committed files only."""
 from __future__ import annotations
 
+import functools
 import json
 import math
 import statistics
 
+import numpy as np
+
 from bench import grid as G
+from bench import protocol as P
 from bench.protocol import (CPU_EPOCHS, CPU_MAX_STEPS, GRID_RUNS, METHOD_LABELS, METHODS, RESULTS, SEEDS, TASKS,
                             helpers, read_records)
 from bench.grid import lr_search_table
@@ -331,9 +335,13 @@ def diagnosis_markdown() -> str:
            "[`diagnosis_cpu.json`](notebooks/results/diagnosis_cpu.json)"
            + (" (unfinished: the same command resumes it)." if len(recs) < n_jobs else ".")]
     if recs:
-        out += ["", "Held-out score (best epoch, mean ± sd over seeds (n)), runs whose pooled features collapsed, "
-                "the final feature spread, the largest feed-forward |ΔW| at the end, and the step by which "
-                "AFLoRA's A and B were all frozen (of T):", "", "```text", D.table(recs), "```"]
+        out += ["", "Columns: `held-out`, the best epoch's score on the held-out split (mean ± sd over seeds (n)); "
+                f"`collapsed`, the runs whose feature spread ended below {D.COLLAPSE_RATIO:g}x its value at step 1; "
+                "`spread`, the final spread of the classifier's input features (the standard deviation of each "
+                f"feature across {D.PROBE_EXAMPLES} fixed held-out examples, averaged over the features; 0 means one "
+                "output for every input), mean over seeds; `max |dW|`, the Frobenius norm of the largest "
+                "feed-forward ΔW at the end, mean over seeds; `A,B frozen by`, the step by which all of AFLoRA's "
+                "A and B were frozen, of T.", "", "```text", D.table(recs), "```"]
         decided = G.RESULTS_DIR / G.V2_DECISION          # once written, the decision v2 runs with
         try:
             why = json.loads(decided.read_text(encoding="utf-8"))["why"] if decided.is_file() \
@@ -384,8 +392,27 @@ def diagnosis_reading(rows) -> str:
                "the adaptive phase helped by more than the seeds' spread."))
 
 
-def v2_search_table(records) -> str:
-    """Protocol v2's search: per (method, task) the held-out score of each factor tried and the choice."""
+@functools.lru_cache(maxsize=None)
+def one_class_scores(task: str, seed: int = 0) -> tuple:
+    """The main metric of predicting the same class for every example of the held-out split, one value
+    per class (CoLA: MCC 0; MRPC: F1 0 or the F1 of "always paraphrase"); () for STS-B. A run whose best
+    held-out score is one of these learned nothing."""
+    if helpers.TASKS[task]["num_labels"] == 1:
+        return ()
+    _, held_out = P._load_task(task, P.grid_settings(task, "cpu"), seed=seed, split="heldout")
+    labels = [e["label"] for e in held_out]
+    return tuple(helpers.compute_metrics(task, np.full(len(labels), c), labels)["metric"]
+                 for c in range(helpers.TASKS[task]["num_labels"]))
+
+
+def v2_search_table(records, one_class=None) -> str:
+    """Protocol v2's search: per (method, task) the held-out score of each factor tried and the choice.
+    With one_class (e.g. one_class_scores, which reads the GLUE labels), a score marked * is what predicting
+    one class for every held-out example scores (a collapsed run)."""
+    def score(r):
+        same = one_class is not None and any(math.isclose(r["best"], s, abs_tol=1e-9)
+                                             for s in one_class(r["task"], r["seed"]))
+        return f"x{r['lr_factor']:.3g}: {r['best']:.4f}" + ("*" if same else "")
     lines = [f"{'method':8s} {'task':6s} {'factors tried: held-out score (best epoch)':60s} chosen"]
     for m in METHODS:
         for t in TASKS:
@@ -393,8 +420,11 @@ def v2_search_table(records) -> str:
             if not rs:
                 continue
             chosen = G.v2_search(records, m, t)[1]
-            tried = "  ".join(f"x{r['lr_factor']:.3g}: {r['best']:.4f}" for r in rs)
+            tried = "  ".join(score(r) for r in rs)
             lines.append(f"{m:8s} {t:6s} {tried:60s} {'-' if chosen is None else f'x{chosen:.3g}'}")
+    if any("*" in line for line in lines):
+        lines.append("* every held-out example gets the same class: this is the score of predicting one class "
+                     "(the run learned nothing)")
     return "\n".join(lines)
 
 
@@ -419,7 +449,7 @@ def v2_markdown() -> str:
            + ("" if len(grid) >= GRID_RUNS else f" A task is compared once every method has its {len(SEEDS)} seeds.")]
     if search:
         out += ["", "**Search** (held-out 10% of each training split, seed 0):", "", "```text",
-                v2_search_table(search), "```"]
+                v2_search_table(search, one_class_scores), "```"]
     if not grid:
         return "\n".join(out) + "\n"
     out += ["", "**Accuracy, v2** (best dev epoch, mean ± sd over seeds (n); a lone seed has no sd), v1's mean "
