@@ -562,8 +562,8 @@ def status_markdown() -> str:
              + ("unfinished." if len(diag) < n_diag else _collapse_line(D.summary(diag)))]
     if done_v2:
         lines.append(f"- **Protocol v2** ({len(v2)} of {GRID_RUNS} grid runs, `glue_cpu_v2.json`): "
-                     f"{claim(v2, 'glue_cpu_v2.json')}. This is the current verdict; v1's stays as the record of "
-                     "the first protocol.")
+                     f"{claim(v2, 'glue_cpu_v2.json')}. This is the current verdict (v2's table, per-task tests and "
+                     "reading close this section); v1's stays as the record of the first protocol.")
     else:
         lines.append(f"- **Protocol v2** (running: {len(G.v2_choices(search))} of {len(TASKS) * len(METHODS)} "
                      f"(method, task) learning-rate searches and {len(v2)} of {GRID_RUNS} grid runs done): its "
