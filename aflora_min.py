@@ -383,7 +383,8 @@ def cubic_schedule(step: int, total_steps: int, t_init: int, t_final: int) -> fl
     for label, v in (("step", step), ("total_steps", total_steps), ("t_init", t_init), ("t_final", t_final)):
         if not _is_int(v):
             raise TypeError(f"{label} must be an integer number of optimizer steps, got {v!r} "
-                            f"(e.g. total_steps = epochs * len(train_loader) // grad_accumulation)")
+                            f"(the optimizer steps the run takes, e.g. epochs * math.ceil(len(train_loader) / grad_accumulation) "
+                            f"as a Hugging Face Trainer counts them)")
     if t_init < 0 or t_final < 0 or t_init + t_final >= total_steps:
         raise ValueError(f"need 0 <= t_init, 0 <= t_final and t_init + t_final < total_steps, got "
                          f"t_init={t_init}, t_final={t_final}, total_steps={total_steps}")

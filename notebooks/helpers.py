@@ -424,7 +424,7 @@ def _epoch_counter(loader):
 
 def train(model, train_loader, dev_loader, task, epochs, lr, head_lr=None, weight_decay=0.0,
           warmup_ratio=0.06, clip=1.0, freezer=None, device=None, log_every=None, max_steps=None,
-          autocast=None, checkpoint=None, log=print, warmup_steps=None, probe=None):
+          autocast=None, checkpoint=None, log=print, warmup_steps=None, probe=None, eval_name="dev"):
     """AdamW + linear warm-up/decay over the trainable parameters; dev evaluation after each epoch.
 
     Two parameter groups: names containing "classifier" at head_lr (default lr), all other trainable
@@ -438,6 +438,7 @@ def train(model, train_loader, dev_loader, task, epochs, lr, head_lr=None, weigh
     warmup_steps: the warm-up length in steps (default: int(warmup_ratio x total steps)).
     probe: a callable(step) run after every optimizer step; what it returns (a dict, or None for
     nothing) is kept in history["probe"] (measurements of the run, e.g. the diagnosis's).
+    eval_name: what the log calls dev_loader's split (e.g. "held-out" when it is part of the training data).
     Returns a history dict: loss (per step), dev (per-epoch metric dicts), best / last (main metric),
     wall_s, cpu_s (this process's CPU time), steps, trainable ((step, trainable non-classifier
     parameters) per step), step_ms (median), resumed_from (epoch, or 0).
@@ -513,7 +514,7 @@ def train(model, train_loader, dev_loader, task, epochs, lr, head_lr=None, weigh
                                wall_s=wall, cpu_s=prior_cpu + time.process_time() - cpu0, times=times,
                                hist={k: hist[k] for k in ("loss", "dev", "trainable", "probe")})
         log(f"epoch {epoch}/{epochs}  step {step}  loss {np.mean(epoch_losses):.3f}  "
-            f"dev {metric} {dev['metric']:.3f}  ({wall:.1f} s)")
+            f"{eval_name} {metric} {dev['metric']:.3f}  ({wall:.1f} s)")
         if step >= total:
             break
     scores = [d["metric"] for d in hist["dev"]]

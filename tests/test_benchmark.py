@@ -232,7 +232,9 @@ def test_a_job_stopped_after_an_epoch_resumes_to_the_same_record(tmp_path, metho
     job = dict(kind="lr_search", task="RTE", method=method, seed=0, lr_factor=1.0, split="heldout")
     G.set_results_dir(tmp_path / "a")
     try:
-        whole = G.run_job(job, log=lambda s: None, **override)
+        lines = []
+        whole = G.run_job(job, log=lines.append, **override)
+        assert any(l.startswith("epoch 1/3") and " held-out f1 " not in l and " held-out acc " in l for l in lines)
 
         class Stop(Exception):
             pass
@@ -512,6 +514,27 @@ def test_v2_reading_groups_tasks_by_what_the_seeds_resolve():
     assert "does not hold here." in R.v2_reading(lower, recs, True)                  # mean below LoRA's
     assert "AFLoRA r=4 0.570 -> 0.560" in R.v2_reading(lower, recs, True)            # v1 -> v2 on the same tasks
     assert R.v2_reading([r for r in recs if r["method"] != "elora"], recs, True) == ""   # no task has every method
+
+
+def test_robustness_finds_the_one_run_that_carries_the_mean():
+    recs = []
+    for seed in (0, 1, 2):                       # AFLoRA 0.02 below LoRA on CoLA and RTE; LoRA's STS-B seed 1 fails
+        for task, lora, aflora in (("CoLA", 0.30, 0.28), ("RTE", 0.60, 0.58), ("STS-B", 0.85, 0.84)):
+            bad = task == "STS-B" and seed == 1
+            recs += [_rec(task, "lora", seed, 0.05 if bad else lora + 0.001 * seed, 300_000, 1.0),
+                     _rec(task, "aflora", seed, aflora + 0.001 * seed, 30_000, 1.0)]
+    b = R.robustness(recs, ["CoLA", "RTE", "STS-B"])
+    median = lambda m, t: sorted(r["best"] for r in recs if r["task"] == t and r["method"] == m)[1]
+    for m in ("lora", "aflora"):                 # the mean over tasks of each task's middle seed
+        assert b[f"median_{m}"] == pytest.approx(sum(median(m, t) for t in ("CoLA", "RTE", "STS-B")) / 3)
+    assert b["median_aflora"] < b["median_lora"] and b["below"] == ["CoLA", "RTE"] and b["n"] == 3
+    t, gap, rest = b["carrier"]                  # STS-B's +0.257 outweighs the others' -0.02
+    assert t == "STS-B" and gap == pytest.approx(0.841 - (0.85 + 0.05 + 0.852) / 3) and rest == pytest.approx(-0.02)
+    assert b["outlier"] == ("STS-B", "lora", 1, 0.05, [0.85, 0.852])
+    words = R.robustness_words(recs, ["CoLA", "RTE", "STS-B"])
+    assert "by the median the claim does not hold" in words and "rests on STS-B" in words and "seed 1 scored 0.050" in words
+    fine = [r for r in recs if r["task"] != "STS-B"]             # no task carries a verdict the others share
+    assert R.robustness(fine, ["CoLA", "RTE"])["carrier"] is None and "rests on" not in R.robustness_words(fine, ["CoLA", "RTE"])
 
 
 def test_diagnosis_then_v2_adds_v2_only_once_the_diagnosis_is_done(tmp_path):

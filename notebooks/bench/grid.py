@@ -309,7 +309,8 @@ def run_job(job, device="cpu", log=print, **override) -> dict:
         from bench import diagnosis
         probe = diagnosis.make_probe()
     rec = train_one(task, job["method"], job["seed"], settings, torch.device(device), train_ex, dev_ex,
-                    lr_factor=factor, checkpoint=ckpt, log=log, probe=probe)
+                    lr_factor=factor, checkpoint=ckpt, log=log, probe=probe,
+                    eval_name="held-out" if job["split"] == "heldout" else "dev")
     rec.update(mode="cpu", kind=job["kind"], split=job["split"], protocol=job.get("protocol", "v1"),
                smoke_overrides=override or None)
     if job.get("arm"):

@@ -330,11 +330,12 @@ def code_version() -> dict:
 
 def train_one(task: str, method: str, seed: int, settings: dict, device, train_examples=None,
               dev_examples=None, log_every=None, lr_factor: float = 1.0, checkpoint=None, autocast=None,
-              log=print, probe=None) -> dict:
+              log=print, probe=None, eval_name="dev") -> dict:
     """One training run; returns its record (see grid.run_glue_grid). checkpoint: a file saved after
     every epoch; a run started again with the same file resumes after its last finished epoch.
     probe: a function (model, tokenizer, dev_examples) -> callable(step) -> dict | None, the measurements
-    helpers.train stores per step in the record's "probe" list (the diagnosis uses it)."""
+    helpers.train stores per step in the record's "probe" list (the diagnosis uses it). eval_name: what
+    the log calls the evaluation split ("held-out" for the searches and the diagnosis)."""
     task = helpers.task_name(task)
     version = code_version()                     # the code this run starts with
     if train_examples is None:
@@ -366,7 +367,7 @@ def train_one(task: str, method: str, seed: int, settings: dict, device, train_e
                          head_lr=head_lr, weight_decay=settings["weight_decay"], warmup_steps=warmup,
                          clip=settings["clip"], freezer=freezer, device=device,
                          max_steps=settings["max_steps"], log_every=log_every, autocast=autocast,
-                         checkpoint=checkpoint, log=log,
+                         checkpoint=checkpoint, log=log, eval_name=eval_name,
                          probe=None if probe is None else probe(model, tok, dev_examples))
     counts = [c for _, c in hist["trainable"]]
     if freezer is not None:
