@@ -553,7 +553,7 @@ def robustness_short(grid, tasks) -> str:
     out = (f"by each task's median seed AFLoRA {b['median_aflora']:.3f} vs LoRA {b['median_lora']:.3f}; AFLoRA's "
            f"mean below LoRA's on {len(b['below'])} of {b['n']} tasks")
     if b["carrier"]:
-        t, _, m, seed, score, _ = (b["carrier"][0],) + b["outlier"]
+        t, m, seed, score, _ = b["outlier"]
         out += f"; the mean's verdict rests on {t}, where {METHOD_LABELS[m]}'s seed {seed} scored {score:.3f}"
     return out
 
